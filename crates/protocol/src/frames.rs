@@ -1,0 +1,210 @@
+//! The client ↔ gateway protocol `chorus.v1`: JSON text frames, one object per WebSocket message,
+//! discriminated by `"type"`. Unknown fields are ignored (so clients may add their own); unknown
+//! types are refused with an `error` frame.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Body, ClientMsgId, RoomId, Seq};
+use crate::message::MessageEvent;
+
+/// The WebSocket subprotocol a client asks for. A gateway also accepts clients that ask for none.
+pub const SUBPROTOCOL: &str = "chorus.v1";
+
+/// Largest client frame a gateway reads, in bytes: a send with the largest body, JSON-escaped,
+/// plus its envelope.
+pub const MAX_CLIENT_FRAME_BYTES: usize = 64 * 1024;
+
+/// What a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Start receiving a room's messages. With `since`, first replay every message with seq > since.
+    Join {
+        room: RoomId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Seq>,
+    },
+    /// Stop receiving a room's messages.
+    Leave { room: RoomId },
+    /// Post a message to a room the connection has joined. `id` is the idempotency key: a retry
+    /// with the same id is stored once and acked with the same seq.
+    Send {
+        room: RoomId,
+        id: ClientMsgId,
+        body: Body,
+    },
+}
+
+/// What a gateway sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The join took effect; `seq` is the room's head after any replay: live messages follow it.
+    Joined { room: RoomId, seq: Seq },
+    /// The leave took effect.
+    Left { room: RoomId },
+    /// A message of a joined room.
+    Message(MessageEvent),
+    /// The send with client id `id` is durable at `seq`.
+    Ack {
+        id: ClientMsgId,
+        room: RoomId,
+        seq: Seq,
+    },
+    /// A request could not be served. `ref` echoes the client message id of a failed send, if any.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+    },
+}
+
+/// Machine-readable reason in an `error` frame. The connection stays open after any of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not a JSON object of a known type with valid fields.
+    BadFrame,
+    /// The frame's `type` is not one this protocol version knows.
+    UnknownType,
+    /// A send or leave named a room the connection has not joined.
+    NotJoined,
+    /// The message store could not be reached or refused the write; retry with the same id.
+    Unavailable,
+}
+
+/// Why a client frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Not JSON, not an object, or a field is missing or invalid.
+    #[error("{0}")]
+    Malformed(String),
+    /// A JSON object whose `type` is unknown.
+    #[error("unknown frame type {0:?}: expected join, leave or send")]
+    UnknownType(String),
+}
+
+impl FrameError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::Malformed(_) => ErrorCode::BadFrame,
+            FrameError::UnknownType(_) => ErrorCode::UnknownType,
+        }
+    }
+}
+
+/// A client frame that failed to parse, with the client message id if one could be read, so the
+/// error can reference the send it refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub error: FrameError,
+    pub reference: Option<String>,
+}
+
+impl ClientFrame {
+    /// Parses one text frame.
+    ///
+    /// # Errors
+    /// [`Rejected`] with a message naming what is wrong and, where the frame carried a string
+    /// `id`, that id (truncated to [`ClientMsgId::MAX_LEN`] characters).
+    pub fn parse(text: &str) -> Result<ClientFrame, Rejected> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Rejected {
+            error: FrameError::Malformed(format!("frame is not valid JSON: {e}")),
+            reference: None,
+        })?;
+        let reference = value
+            .get("id")
+            .and_then(|id| id.as_str())
+            .map(|id| id.chars().take(ClientMsgId::MAX_LEN).collect());
+        let reject = |error| Rejected {
+            error,
+            reference: reference.clone(),
+        };
+        let Some(kind) = value.get("type") else {
+            return Err(reject(FrameError::Malformed(
+                "frame must be a JSON object with a \"type\" field".into(),
+            )));
+        };
+        match kind.as_str() {
+            Some("join" | "leave" | "send") => {}
+            Some(other) => {
+                let shown: String = other.chars().take(32).collect();
+                return Err(reject(FrameError::UnknownType(shown)));
+            }
+            None => {
+                return Err(reject(FrameError::Malformed(
+                    "\"type\" must be a string".into(),
+                )));
+            }
+        }
+        serde_json::from_value(value)
+            .map_err(|e| reject(FrameError::Malformed(format!("invalid frame: {e}"))))
+    }
+}
+
+impl ServerFrame {
+    /// The frame as JSON text. Serializing these types cannot fail (string keys, no maps of
+    /// non-string keys, no floats).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+
+    /// An `error` frame.
+    pub fn error(code: ErrorCode, message: impl Into<String>, reference: Option<String>) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            reference,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_reports_what_is_wrong() {
+        let err = ClientFrame::parse("not json").unwrap_err();
+        assert_eq!(err.error.code(), ErrorCode::BadFrame);
+        assert!(err.error.to_string().contains("not valid JSON"));
+
+        let err = ClientFrame::parse(r#"{"type":"shout","id":"m1"}"#).unwrap_err();
+        assert_eq!(err.error, FrameError::UnknownType("shout".into()));
+        assert_eq!(err.reference.as_deref(), Some("m1"));
+
+        let err = ClientFrame::parse(r#"{"type":"send","room":"lobby","id":"m2"}"#).unwrap_err();
+        assert_eq!(err.error.code(), ErrorCode::BadFrame);
+        assert!(err.error.to_string().contains("body"), "{}", err.error);
+        assert_eq!(err.reference.as_deref(), Some("m2"));
+
+        let err = ClientFrame::parse(r#"{"type":"join","room":"no spaces"}"#).unwrap_err();
+        assert!(
+            err.error.to_string().contains("room must be"),
+            "{}",
+            err.error
+        );
+
+        let err = ClientFrame::parse(r#"[1,2]"#).unwrap_err();
+        assert!(err.error.to_string().contains("\"type\""));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let frame = ClientFrame::parse(r#"{"type":"leave","room":"lobby","extra":true}"#).unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Leave {
+                room: RoomId::parse("lobby").unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn negative_or_fractional_since_is_refused() {
+        assert!(ClientFrame::parse(r#"{"type":"join","room":"a","since":-1}"#).is_err());
+        assert!(ClientFrame::parse(r#"{"type":"join","room":"a","since":1.5}"#).is_err());
+    }
+}

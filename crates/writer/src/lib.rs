@@ -1,0 +1,39 @@
+//! The writer: the only box that talks to DynamoDB. It gives each room a dense, gap-free sequence
+//! (1, 2, 3 …), stores sends idempotently, and serves history pages to gateways.
+
+pub mod config;
+mod error;
+mod routes;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::ApiError;
+
+use crate::routes::{AppState, router};
+use crate::store::MessageStore;
+
+/// Serves the writer API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+///
+/// # Errors
+/// When the server fails (not when a request does).
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn MessageStore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState {
+        store,
+        metrics: Arc::default(),
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "writer listening");
+    }
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,42 @@
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chorus_writer::config::{Cli, Command};
+use chorus_writer::store::{DynamoStore, ensure_table};
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.config;
+    chorus_service::init_tracing(&config.log)?;
+    let aws = chorus_service::load_aws_config().await;
+    let client = aws_sdk_dynamodb::Client::new(&aws);
+
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CreateTable => {
+            let stream_arn = ensure_table(&client, &config.table).await?;
+            // The one line of output scripts read: this is a CLI answer, not a log.
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{stream_arn}");
+            }
+            Ok(())
+        }
+        Command::Serve => {
+            let store = DynamoStore::new(client, &config.table);
+            store
+                .check()
+                .await
+                .with_context(|| format!("table {} is not usable", config.table))?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            chorus_writer::run(listener, Arc::new(store), chorus_service::shutdown_signal())
+                .await
+                .context("serving")?;
+            tracing::info!("writer stopped");
+            Ok(())
+        }
+    }
+}

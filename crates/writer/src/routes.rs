@@ -1,0 +1,164 @@
+//! The writer's HTTP API.
+//!
+//! - `POST /v1/rooms/{room}/messages` — body [`SendRequest`]; `201` [`SendResponse`] when stored,
+//!   `200` with the original seq when the (room, sender, id) was stored before.
+//! - `GET /v1/rooms/{room}/messages?after=N&limit=L` — [`HistoryPage`].
+//! - `GET /healthz` — `200 ok` while the process serves.
+//! - `GET /metrics` — Prometheus text.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use chorus_protocol::api::{
+    DEFAULT_HISTORY_LIMIT, HistoryPage, MAX_HISTORY_LIMIT, SendRequest, SendResponse,
+};
+use chorus_protocol::{RoomId, Seq};
+use chorus_service::metrics::{self, Counter, Exposition};
+
+use crate::error::ApiError;
+use crate::store::{MessageStore, NewMessage};
+
+/// Largest request body accepted: a send with the largest body, JSON-escaped, and its envelope.
+const MAX_REQUEST_BYTES: usize = 128 * 1024;
+
+/// Shared state of the handlers: one `Clone` struct of `Arc`s.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Arc<dyn MessageStore>,
+    pub(crate) metrics: Arc<WriterMetrics>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct WriterMetrics {
+    stored: Counter,
+    duplicate: Counter,
+    rejected: Counter,
+    failed: Counter,
+    history: Counter,
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/rooms/{room}/messages", get(history).post(send))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+fn parse_room(raw: String) -> Result<RoomId, ApiError> {
+    RoomId::parse(raw).map_err(|e| ApiError::bad_request("invalid_room", e.to_string()))
+}
+
+async fn send(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let result = async {
+        let room = parse_room(room)?;
+        let request: SendRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("invalid send request: {e}"))
+        })?;
+        let appended = state
+            .store
+            .append(NewMessage {
+                room,
+                id: request.id,
+                sender: request.sender,
+                body: request.body,
+            })
+            .await?;
+        Ok::<_, ApiError>(appended)
+    }
+    .await;
+    match result {
+        Ok(appended) => {
+            let status = if appended.duplicate {
+                state.metrics.duplicate.inc();
+                StatusCode::OK
+            } else {
+                state.metrics.stored.inc();
+                StatusCode::CREATED
+            };
+            let body = SendResponse {
+                seq: appended.seq,
+                ts: appended.ts,
+            };
+            Ok((status, Json(body)))
+        }
+        Err(err) => {
+            match err {
+                ApiError::BadRequest { .. } | ApiError::NotFound => state.metrics.rejected.inc(),
+                ApiError::Store(_) => state.metrics.failed.inc(),
+            }
+            Err(err)
+        }
+    }
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let room = parse_room(room)?;
+    let after = match params.get("after") {
+        None => Seq(0),
+        Some(raw) => Seq(raw.parse().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_after",
+                format!("after must be a whole number ≥ 0, got {raw:?}"),
+            )
+        })?),
+    };
+    let limit = match params.get("limit") {
+        None => DEFAULT_HISTORY_LIMIT,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|l| *l <= MAX_HISTORY_LIMIT)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!(
+                        "limit must be a whole number from 0 to {MAX_HISTORY_LIMIT}, got {raw:?}"
+                    ),
+                )
+            })?,
+    };
+    state.metrics.history.inc();
+    Ok(Json(state.store.history(&room, after, limit).await?))
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let m = &state.metrics;
+    let text = Exposition::new()
+        .counter(
+            "chorus_writer_sends_total",
+            "Send requests by outcome.",
+            "result",
+            &[
+                ("stored", &m.stored),
+                ("duplicate", &m.duplicate),
+                ("rejected", &m.rejected),
+                ("failed", &m.failed),
+            ],
+        )
+        .counter(
+            "chorus_writer_history_requests_total",
+            "History pages served.",
+            "",
+            &[("", &m.history)],
+        )
+        .finish();
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
+}

@@ -1,0 +1,53 @@
+use std::sync::Arc;
+
+use chorus_writer::store::MemoryStore;
+use tokio_util::sync::CancellationToken;
+
+/// A writer on an ephemeral loopback port, backed by an in-memory store; stopped on drop.
+pub(crate) struct TestApp {
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub(crate) async fn spawn_app() -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone().cancelled_owned();
+    tokio::spawn(chorus_writer::run(
+        listener,
+        Arc::new(MemoryStore::default()),
+        stop,
+    ));
+    TestApp {
+        base,
+        http: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+impl TestApp {
+    pub(crate) async fn send(&self, room: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/rooms/{room}/messages", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+}

@@ -1,0 +1,177 @@
+//! The writer's HTTP API, end to end over a loopback socket, on the in-memory store.
+//! (The DynamoDB store is tested against the emulator in tests/e2e.)
+
+mod helpers;
+
+use chorus_protocol::api::{ApiError, HistoryPage, SendResponse};
+use helpers::spawn_app;
+use serde_json::json;
+
+#[tokio::test]
+async fn sends_get_dense_seqs_and_history_returns_them_in_order() {
+    let app = spawn_app().await;
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        let res = app
+            .send(
+                "lobby",
+                json!({"id": id, "sender": "john", "body": format!("msg {i}")}),
+            )
+            .await;
+        assert_eq!(res.status(), 201);
+        let body: SendResponse = res.json().await.unwrap();
+        assert_eq!(body.seq.0, i as u64 + 1);
+        assert!(body.ts.ends_with('Z') && body.ts.len() == 24, "{}", body.ts);
+    }
+    let page: HistoryPage = app
+        .get("/v1/rooms/lobby/messages?after=1&limit=10")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page.head.0, 3);
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq.0).collect();
+    assert_eq!(seqs, [2, 3]);
+    assert_eq!(page.messages[0].body.as_str(), "msg 1");
+    assert_eq!(page.messages[0].sender.as_str(), "john");
+}
+
+#[tokio::test]
+async fn a_retried_send_is_stored_once_with_the_same_seq() {
+    let app = spawn_app().await;
+    let msg = json!({"id": "m-1", "sender": "john", "body": "Hello world"});
+    let first = app.send("lobby", msg.clone()).await;
+    assert_eq!(first.status(), 201);
+    let first: SendResponse = first.json().await.unwrap();
+    let again = app.send("lobby", msg).await;
+    assert_eq!(again.status(), 200);
+    let again: SendResponse = again.json().await.unwrap();
+    assert_eq!(first, again);
+    let page: HistoryPage = app
+        .get("/v1/rooms/lobby/messages")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn rooms_have_independent_sequences() {
+    let app = spawn_app().await;
+    app.send("a", json!({"id": "1", "sender": "x", "body": "hi"}))
+        .await;
+    let res: SendResponse = app
+        .send("b", json!({"id": "1", "sender": "x", "body": "hi"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(res.seq.0, 1);
+}
+
+async fn assert_bad_request(res: reqwest::Response, code: &str, mentions: &str) {
+    assert_eq!(res.status(), 400);
+    let err: ApiError = res.json().await.unwrap();
+    assert_eq!(err.error.code, code);
+    assert!(
+        err.error.message.contains(mentions),
+        "{:?}",
+        err.error.message
+    );
+}
+
+#[tokio::test]
+async fn invalid_input_gets_a_clear_400_and_stores_nothing() {
+    let app = spawn_app().await;
+    let ok = json!({"id": "m", "sender": "john", "body": "x"});
+    assert_bad_request(
+        app.send("bad%20room", ok.clone()).await,
+        "invalid_room",
+        "room must be",
+    )
+    .await;
+    assert_bad_request(
+        app.send("lobby", json!({"id": "m", "sender": "john", "body": ""}))
+            .await,
+        "invalid_body",
+        "body must not be empty",
+    )
+    .await;
+    assert_bad_request(
+        app.send(
+            "lobby",
+            json!({"id": "m", "sender": "john", "body": "x".repeat(16 * 1024 + 1)}),
+        )
+        .await,
+        "invalid_body",
+        "limit is 16384 bytes",
+    )
+    .await;
+    assert_bad_request(
+        app.send("lobby", json!({"id": "m", "body": "x"})).await,
+        "invalid_body",
+        "sender",
+    )
+    .await;
+    let not_json = app
+        .http
+        .post(format!("{}/v1/rooms/lobby/messages", app.base))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_bad_request(not_json, "invalid_body", "invalid send request").await;
+    assert_bad_request(
+        app.get("/v1/rooms/lobby/messages?after=-1").await,
+        "invalid_after",
+        "after",
+    )
+    .await;
+    assert_bad_request(
+        app.get("/v1/rooms/lobby/messages?limit=501").await,
+        "invalid_limit",
+        "500",
+    )
+    .await;
+
+    let page: HistoryPage = app
+        .get("/v1/rooms/lobby/messages")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page.head.0, 0);
+    assert!(page.messages.is_empty());
+    // The store still works after all that.
+    assert_eq!(app.send("lobby", ok).await.status(), 201);
+}
+
+#[tokio::test]
+async fn oversized_requests_and_unknown_paths_are_refused() {
+    let app = spawn_app().await;
+    let huge = app
+        .http
+        .post(format!("{}/v1/rooms/lobby/messages", app.base))
+        .body(vec![b'x'; 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 413);
+    let missing = app.get("/v2/nothing").await;
+    assert_eq!(missing.status(), 404);
+    let err: ApiError = missing.json().await.unwrap();
+    assert_eq!(err.error.code, "not_found");
+}
+
+#[tokio::test]
+async fn health_and_metrics_are_served() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    app.send("lobby", json!({"id": "1", "sender": "x", "body": "hi"}))
+        .await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("chorus_writer_sends_total{result=\"stored\"} 1"),
+        "{text}"
+    );
+}

@@ -1,0 +1,65 @@
+# Shared shell helpers for scripts/*. Sourced, never run.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUN_DIR="$ROOT/.run"
+VENV="$ROOT/.venv"
+MOTO_VERSION="5.2.5"
+EMULATOR_HOST="127.0.0.1"
+EMULATOR_PORT="${CHORUS_EMULATOR_PORT:-4566}"
+mkdir -p "$RUN_DIR"
+
+log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ensure_venv: the project's Python tools live in .venv, made with the machine's python3.
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    command -v python3 >/dev/null || die "python3 is required to install the AWS emulator"
+    log "creating $VENV"
+    python3 -m venv "$VENV" || die "python3 -m venv failed"
+  fi
+  if ! "$VENV/bin/python" -c "import moto, sys; sys.exit(0 if moto.__version__ == '$MOTO_VERSION' else 1)" 2>/dev/null; then
+    log "installing moto[server]==$MOTO_VERSION into .venv"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
+      || die "pip install moto[server]==$MOTO_VERSION failed"
+  fi
+}
+
+# Dummy credentials and region for the emulator; real AWS keeps whatever the caller has.
+use_emulator_env() {
+  export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://$EMULATOR_HOST:$EMULATOR_PORT}"
+  export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
+  export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+  export AWS_REGION="${AWS_REGION:-us-east-1}"
+  export AWS_EC2_METADATA_DISABLED=true
+}
+
+# wait_http URL SECONDS: poll until URL answers 2xx, or fail.
+wait_http() {
+  local url=$1 secs=${2:-30} i
+  for ((i = 0; i < secs * 10; i++)); do
+    if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# stop_pidfile FILE: SIGTERM the process in FILE, wait up to 15 s, then SIGKILL.
+stop_pidfile() {
+  local file=$1 pid i
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 150; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid did not stop in 15 s: killing"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$file"
+}
