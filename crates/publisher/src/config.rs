@@ -1,0 +1,46 @@
+//! The publisher's command line. In Lambda (`AWS_LAMBDA_RUNTIME_API` set) only the environment is
+//! read: `CHORUS_TOPIC_ARN`, and the log settings.
+
+use chorus_service::LogArgs;
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "chorus-publisher",
+    version,
+    about = "Chorus publisher: DynamoDB stream records of new messages → SNS"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// SNS topic every gateway subscribes to.
+    #[arg(long, global = true, env = "CHORUS_TOPIC_ARN")]
+    pub topic_arn: Option<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the handler as a long-lived stream poller (local stack, non-Lambda installs).
+    Poll(PollArgs),
+    /// Create the SNS topic (SignatureVersion 2) if it does not exist, and print its ARN.
+    CreateTopic {
+        /// Topic name.
+        #[arg(long, env = "CHORUS_TOPIC_NAME", default_value = "chorus-messages")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PollArgs {
+    /// Table whose stream to read (its latest stream is used).
+    #[arg(long, env = "CHORUS_TABLE", default_value = "chorus-messages")]
+    pub table: String,
+    /// Records per batch (1–1000), as Lambda's BatchSize.
+    #[arg(long, env = "CHORUS_BATCH_SIZE", default_value_t = 100,
+          value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub batch_size: i32,
+    /// Pause between polls when the stream is idle, in milliseconds.
+    #[arg(long, env = "CHORUS_POLL_IDLE_MS", default_value_t = 100)]
+    pub idle_ms: u64,
+}

@@ -1,0 +1,85 @@
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aws_lambda_events::dynamodb::Event;
+use aws_lambda_events::streams::DynamoDbEventResponse;
+use chorus_publisher::config::{Cli, Command};
+use chorus_publisher::poller::{self, PollerConfig};
+use chorus_publisher::sns::{SnsPublisher, ensure_topic};
+use clap::Parser as _;
+use lambda_runtime::{LambdaEvent, service_fn};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    chorus_service::init_tracing(&cli.log)?;
+    let aws = chorus_service::load_aws_config().await;
+    let sns = aws_sdk_sns::Client::new(&aws);
+    let topic_arn = || {
+        cli.topic_arn
+            .clone()
+            .context("no topic: set CHORUS_TOPIC_ARN or pass --topic-arn")
+    };
+
+    if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+        let publisher = SnsPublisher::new(sns, topic_arn()?);
+        let publisher = &publisher;
+        return lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
+            let response: DynamoDbEventResponse =
+                chorus_publisher::handle(&event.payload, publisher).await;
+            Ok::<_, lambda_runtime::Error>(response)
+        }))
+        .await
+        .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"));
+    }
+
+    match cli.command {
+        Some(Command::CreateTopic { name }) => {
+            let arn = ensure_topic(&sns, &name).await?;
+            // The one line of output scripts read: a CLI answer, not a log.
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{arn}");
+            }
+            Ok(())
+        }
+        Some(Command::Poll(args)) => {
+            let publisher = SnsPublisher::new(sns, topic_arn()?);
+            let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
+            let stream_arn = dynamodb
+                .describe_table()
+                .table_name(&args.table)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "describing table {}: {}",
+                        args.table,
+                        aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+                    )
+                })?
+                .table
+                .and_then(|t| t.latest_stream_arn)
+                .with_context(|| format!("table {} has no stream", args.table))?;
+            let streams = aws_sdk_dynamodbstreams::Client::new(&aws);
+            let config = PollerConfig {
+                stream_arn,
+                batch_size: args.batch_size,
+                idle_interval: Duration::from_millis(args.idle_ms),
+                retry_interval: Duration::from_millis(500),
+            };
+            let shutdown = CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                chorus_service::shutdown_signal().await;
+                trigger.cancel();
+            });
+            poller::run(&streams, &config, &publisher, shutdown).await
+        }
+        None => anyhow::bail!(
+            "nothing to do: run `chorus-publisher poll` (or inside Lambda, where \
+             AWS_LAMBDA_RUNTIME_API is set); see --help"
+        ),
+    }
+}
