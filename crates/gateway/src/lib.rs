@@ -1,1 +1,194 @@
+//! The gateway: WebSocket clients on one side, the SNS bus on the other.
+//!
+//! - `GET /ws` — WebSocket (subprotocol `chorus.v1`), see the README's protocol section.
+//! - `POST /sns` — SNS HTTP deliveries of the topic.
+//! - `GET /healthz` — 200 while the process serves; `GET /readyz` — 200 only while subscribed and
+//!   not draining (load balancers route on this); `GET /metrics` — Prometheus text.
+//!
+//! Lifecycle ([`run`]): serve, subscribe to the topic and wait for confirmation, become ready;
+//! on shutdown, drain: readiness fails and new sockets are refused, the subscription is removed,
+//! every client is closed with [`close::SERVER_RESTARTING`](chorus_protocol::close), and the
+//! process exits within the drain timeout.
 
+pub mod bus;
+pub mod config;
+pub mod connection;
+pub mod hub;
+pub mod log;
+pub mod metrics;
+pub mod ordering;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::{TopicSubscriptions, subscribe_and_confirm};
+pub use crate::config::{Config, ConfigError};
+use crate::connection::{ConnectionContext, ConnectionSettings};
+use crate::hub::{Hub, HubSettings};
+use crate::log::MessageLog;
+use crate::metrics::GatewayMetrics;
+
+/// The gateway's external effects, built once at start-up.
+pub struct Deps {
+    pub log: Arc<dyn MessageLog>,
+    pub subscriptions: Arc<dyn TopicSubscriptions>,
+}
+
+/// Why the gateway stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("subscribing to the topic failed: {0}")]
+    Subscribe(#[from] bus::BusError),
+    #[error("serving failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state of the HTTP handlers: one `Clone` struct of `Arc`s.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) config: Arc<Config>,
+    pub(crate) connection: ConnectionContext,
+    pub(crate) subscriptions: Arc<dyn TopicSubscriptions>,
+    pub(crate) metrics: Arc<GatewayMetrics>,
+    pub(crate) ready: Arc<AtomicBool>,
+    pub(crate) connections: TaskTracker,
+}
+
+/// Runs the gateway on `listener` until `shutdown` resolves, then drains.
+///
+/// # Errors
+/// [`GatewayError`] for bad configuration, a subscription that cannot be made or confirmed, or a
+/// failing listener.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    deps: Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    config.validate()?;
+    let bound = listener.local_addr()?;
+    let gateway_id = config
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    if config.insecure_skip_sns_verification {
+        tracing::warn!(
+            gateway = %gateway_id,
+            "SNS SIGNATURE VERIFICATION IS OFF: anyone who can POST to /sns can broadcast into \
+             any room. Use this only with a local emulator."
+        );
+    }
+    if config.insecure_dev_users {
+        tracing::warn!(
+            gateway = %gateway_id,
+            "DEV USERS ARE ON: clients name themselves with ?user=NAME, unauthenticated."
+        );
+    }
+
+    let metrics = Arc::new(GatewayMetrics::default());
+    let hub = Hub::new(
+        Arc::clone(&deps.log),
+        HubSettings {
+            gap_timeout: Duration::from_millis(config.gap_timeout_ms),
+            ..HubSettings::default()
+        },
+        Arc::clone(&metrics),
+    );
+    let drain = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        connection: ConnectionContext {
+            hub,
+            log: deps.log,
+            metrics: Arc::clone(&metrics),
+            settings: ConnectionSettings {
+                queue_len: config.send_queue,
+                max_rooms: config.max_rooms_per_connection,
+            },
+            drain: drain.clone(),
+        },
+        subscriptions: Arc::clone(&deps.subscriptions),
+        metrics,
+        ready: Arc::clone(&ready),
+        connections: connections.clone(),
+        config: Arc::new(config),
+    };
+    let config = Arc::clone(&state.config);
+
+    // Serve first: SNS may post a SubscriptionConfirmation while we subscribe.
+    let stop_server = CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, routes::router(state))
+            .with_graceful_shutdown(stop_server.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(gateway = %gateway_id, addr = %bound, "gateway listening");
+
+    let endpoint = config.sns_endpoint(bound);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let subscription = tokio::select! {
+        result = subscribe_and_confirm(
+            deps.subscriptions.as_ref(),
+            &endpoint,
+            Duration::from_millis(config.subscribe_timeout_ms),
+        ) => match result {
+            Ok(arn) => arn,
+            Err(e) => {
+                stop_server.cancel();
+                let _ = server.await;
+                return Err(e.into());
+            }
+        },
+        () = &mut shutdown => {
+            tracing::info!(gateway = %gateway_id, "shut down before the subscription was confirmed");
+            stop_server.cancel();
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    ready.store(true, Ordering::Release);
+    tracing::info!(gateway = %gateway_id, %endpoint, %subscription, "gateway ready: subscribed to the topic");
+
+    shutdown.await;
+
+    // Drain.
+    let started = tokio::time::Instant::now();
+    let grace = config.drain_timeout();
+    ready.store(false, Ordering::Release);
+    tracing::info!(gateway = %gateway_id, "draining: unsubscribing and closing clients");
+    chorus_service::with_grace("unsubscribing", grace, async {
+        if let Err(e) = deps.subscriptions.unsubscribe(&subscription).await {
+            tracing::warn!(error.message = %e, "unsubscribing failed: SNS will drop the endpoint after failed deliveries");
+        }
+    })
+    .await;
+    drain.cancel();
+    connections.close();
+    chorus_service::with_grace(
+        "closing clients",
+        grace.saturating_sub(started.elapsed()),
+        connections.wait(),
+    )
+    .await;
+    stop_server.cancel();
+    chorus_service::with_grace(
+        "stopping the server",
+        grace.saturating_sub(started.elapsed()),
+        async {
+            let _ = server.await;
+        },
+    )
+    .await;
+    tracing::info!(gateway = %gateway_id, elapsed_ms = started.elapsed().as_millis() as u64, "gateway stopped");
+    Ok(())
+}

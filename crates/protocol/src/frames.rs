@@ -72,6 +72,8 @@ pub enum ErrorCode {
     NotJoined,
     /// The message store could not be reached or refused the write; retry with the same id.
     Unavailable,
+    /// A per-connection limit was reached (e.g. rooms per connection); the request was ignored.
+    LimitExceeded,
 }
 
 /// Why a client frame was refused.

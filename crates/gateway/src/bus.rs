@@ -1,0 +1,164 @@
+//! The gateway's side of the bus: the SNS HTTP endpoint (`POST /sns`) and the subscription
+//! lifecycle (subscribe at start, confirm, unsubscribe on drain).
+//!
+//! SNS posts a JSON envelope with `Content-Type: text/plain`; the body is read as bytes and
+//! parsed here. Only envelopes of the configured topic are accepted.
+//!
+//! Signature verification is not implemented yet: the gateway refuses to start unless it is
+//! explicitly switched off, and then warns at start (see `Config::insecure_skip_sns_verification`).
+
+use std::time::Duration;
+
+use aws_sdk_sns::Client;
+use aws_sdk_sns::error::DisplayErrorContext;
+use serde::Deserialize;
+
+/// An SNS HTTP(S) delivery: Notification, SubscriptionConfirmation or UnsubscribeConfirmation.
+/// Fields kept as the exact strings SNS sent (they are what a signature covers).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SnsEnvelope {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub message_id: String,
+    pub topic_arn: String,
+    pub message: String,
+    pub timestamp: String,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default, rename = "SubscribeURL")]
+    pub subscribe_url: Option<String>,
+    #[serde(default)]
+    pub signature_version: Option<String>,
+    #[serde(default)]
+    pub signature: Option<String>,
+    #[serde(default, rename = "SigningCertURL")]
+    pub signing_cert_url: Option<String>,
+}
+
+/// Why a subscription call failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BusError(pub String);
+
+/// The subscription calls the gateway makes on the topic. Behind a trait for tests.
+#[async_trait::async_trait]
+pub trait TopicSubscriptions: Send + Sync + 'static {
+    /// Subscribes `endpoint` (http or https URL) and returns the subscription ARN.
+    async fn subscribe(&self, endpoint: &str) -> Result<String, BusError>;
+    /// Whether the subscription is confirmed (deliveries flow).
+    async fn is_confirmed(&self, subscription_arn: &str) -> Result<bool, BusError>;
+    /// Confirms a subscription with the token SNS posted.
+    async fn confirm(&self, token: &str) -> Result<(), BusError>;
+    /// Removes the subscription.
+    async fn unsubscribe(&self, subscription_arn: &str) -> Result<(), BusError>;
+}
+
+/// [`TopicSubscriptions`] on SNS.
+#[derive(Debug, Clone)]
+pub struct SnsSubscriptions {
+    client: Client,
+    topic_arn: String,
+}
+
+impl SnsSubscriptions {
+    pub fn new(client: Client, topic_arn: impl Into<String>) -> Self {
+        SnsSubscriptions {
+            client,
+            topic_arn: topic_arn.into(),
+        }
+    }
+}
+
+fn sns_error<E: std::error::Error + 'static>(what: &str) -> impl FnOnce(E) -> BusError + '_ {
+    move |e| BusError(format!("{what}: {}", DisplayErrorContext(&e)))
+}
+
+#[async_trait::async_trait]
+impl TopicSubscriptions for SnsSubscriptions {
+    async fn subscribe(&self, endpoint: &str) -> Result<String, BusError> {
+        let protocol = if endpoint.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        let out = self
+            .client
+            .subscribe()
+            .topic_arn(&self.topic_arn)
+            .protocol(protocol)
+            .endpoint(endpoint)
+            .return_subscription_arn(true)
+            .send()
+            .await
+            .map_err(sns_error("Subscribe"))?;
+        out.subscription_arn
+            .ok_or_else(|| BusError("Subscribe returned no subscription ARN".into()))
+    }
+
+    async fn is_confirmed(&self, subscription_arn: &str) -> Result<bool, BusError> {
+        let out = self
+            .client
+            .get_subscription_attributes()
+            .subscription_arn(subscription_arn)
+            .send()
+            .await
+            .map_err(sns_error("GetSubscriptionAttributes"))?;
+        let pending = out
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get("PendingConfirmation"))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        Ok(!pending)
+    }
+
+    async fn confirm(&self, token: &str) -> Result<(), BusError> {
+        self.client
+            .confirm_subscription()
+            .topic_arn(&self.topic_arn)
+            .token(token)
+            .authenticate_on_unsubscribe("true")
+            .send()
+            .await
+            .map_err(sns_error("ConfirmSubscription"))?;
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, subscription_arn: &str) -> Result<(), BusError> {
+        self.client
+            .unsubscribe()
+            .subscription_arn(subscription_arn)
+            .send()
+            .await
+            .map_err(sns_error("Unsubscribe"))?;
+        Ok(())
+    }
+}
+
+/// Subscribes and waits until SNS confirms (our `/sns` handler confirms when asked).
+///
+/// # Errors
+/// When subscribing fails or confirmation does not come within `timeout`.
+pub async fn subscribe_and_confirm(
+    subscriptions: &dyn TopicSubscriptions,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<String, BusError> {
+    let arn = subscriptions.subscribe(endpoint).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if subscriptions.is_confirmed(&arn).await? {
+            return Ok(arn);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = subscriptions.unsubscribe(&arn).await;
+            return Err(BusError(format!(
+                "subscription of {endpoint} not confirmed within {timeout:?}: is the endpoint \
+                 reachable from SNS?"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,128 @@
+//! The gateway's configuration, parsed once from flags and `CHORUS_*` environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chorus_service::LogArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "chorus-gateway",
+    version,
+    about = "Chorus gateway: WebSocket clients ↔ rooms, fed by SNS"
+)]
+pub struct Config {
+    /// Address to listen on (WebSocket `/ws`, SNS `/sns`, `/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "CHORUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// Base URL of the writer API.
+    #[arg(
+        long,
+        env = "CHORUS_WRITER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub writer_url: String,
+    /// SNS topic to subscribe to; only its notifications are accepted.
+    #[arg(long, env = "CHORUS_TOPIC_ARN")]
+    pub topic_arn: String,
+    /// URL at which SNS reaches this gateway (the subscription endpoint is `<public-url>/sns`).
+    /// Defaults to `http://<listen>`.
+    #[arg(long, env = "CHORUS_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Name shown in logs and metrics; defaults to the listen address.
+    #[arg(long, env = "CHORUS_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Accept SNS posts without checking their signature. Verification is not implemented yet,
+    /// so this is required; use it only against a local emulator or on a private network.
+    #[arg(long, env = "CHORUS_INSECURE_SKIP_SNS_VERIFICATION")]
+    pub insecure_skip_sns_verification: bool,
+    /// Development only: a client names itself with `?user=NAME`, unauthenticated.
+    #[arg(long, env = "CHORUS_INSECURE_DEV_USERS")]
+    pub insecure_dev_users: bool,
+    /// On SIGTERM: how long to wait for clients to be closed and the subscription removed.
+    #[arg(long, env = "CHORUS_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+    /// How long a hole in a room's sequence may stay open before it is fetched from the writer.
+    #[arg(long, env = "CHORUS_GAP_TIMEOUT_MS", default_value_t = 500)]
+    pub gap_timeout_ms: u64,
+    /// How long to wait for SNS to confirm the subscription at start.
+    #[arg(long, env = "CHORUS_SUBSCRIBE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub subscribe_timeout_ms: u64,
+    /// Timeout of one call to the writer (sends are retried up to 3 times with the same id).
+    #[arg(long, env = "CHORUS_WRITER_TIMEOUT_MS", default_value_t = 5_000)]
+    pub writer_timeout_ms: u64,
+    /// Frames queued per connection before it counts as too slow and is closed (code 4001).
+    #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 512)]
+    pub send_queue: usize,
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "CHORUS_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_rooms_per_connection: usize,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// A setting that makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "SNS signature verification is not implemented in this version: start with \
+         --insecure-skip-sns-verification (CHORUS_INSECURE_SKIP_SNS_VERIFICATION=true), only \
+         against a local emulator or where nobody else can reach /sns"
+    )]
+    VerificationRequired,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding.
+    pub fn new(topic_arn: impl Into<String>, writer_url: impl Into<String>) -> Self {
+        use clap::Parser as _;
+        let mut config = Config::parse_from(["chorus-gateway", "--topic-arn", "unset"]);
+        config.topic_arn = topic_arn.into();
+        config.writer_url = writer_url.into();
+        config
+    }
+
+    /// Checks the settings that clap cannot.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the bad setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.insecure_skip_sns_verification {
+            return Err(ConfigError::VerificationRequired);
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--public-url must be an http(s) URL, got {url:?}"
+            )));
+        }
+        if !(self.writer_url.starts_with("http://") || self.writer_url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "--writer-url must be an http(s) URL, got {:?}",
+                self.writer_url
+            )));
+        }
+        if self.send_queue == 0 || self.max_rooms_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "--send-queue and --max-rooms-per-connection must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where SNS should post.
+    pub fn sns_endpoint(&self, bound: SocketAddr) -> String {
+        let base = self
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"));
+        format!("{}/sns", base.trim_end_matches('/'))
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}

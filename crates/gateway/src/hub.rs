@@ -1,0 +1,493 @@
+//! Rooms → local members, and fan-out. Knows nothing of sockets: a member is a bounded queue of
+//! serialized frames plus a way to close its connection.
+//!
+//! Delivery guarantees, per room and per member:
+//! - The room's [`RoomOrder`] turns SNS arrivals into one gap-free, duplicate-free sequence; a hole
+//!   that does not fill within the gap timeout is fetched from the writer's history.
+//! - Each member remembers the last seq it was given (`last`) and is given only seqs above it, so
+//!   a replay and the live stream can overlap without duplicates.
+//! - A join with `since` registers the member first (live messages are buffered for it), then
+//!   replays history from the writer, then sends `joined` and the buffered messages above the
+//!   replay: no gap and no duplicate at the switch. Why this holds: the room's head when the
+//!   member registers was read from (or delivered after being stored by) the writer, so the
+//!   replay, read later, reaches at least that head; everything after it is buffered.
+//! - Fan-out never awaits: a member whose queue is full is closed with the resume code, and
+//!   resumes from history on reconnect.
+//!
+//! Locking: the room map is a `std::sync::RwLock` (read on the hot path, written when a room
+//! appears or empties); each room is a `std::sync::Mutex`. Neither is held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use chorus_protocol::api::MAX_HISTORY_LIMIT;
+use chorus_protocol::{MessageEvent, RoomId, Seq, ServerFrame, close};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{LogError, MessageLog};
+use crate::metrics::GatewayMetrics;
+use crate::ordering::{Offer, RoomOrder};
+
+/// A frame serialized once and shared by every member it goes to.
+pub type Frame = Utf8Bytes;
+
+/// Identifies one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// A process-unique id.
+    pub fn next() -> ConnId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Asks a connection to close with a code; the first code wins.
+#[derive(Debug, Clone, Default)]
+pub struct Kick {
+    token: CancellationToken,
+    code: Arc<AtomicU16>,
+}
+
+impl Kick {
+    pub fn kick(&self, code: u16) {
+        let _ = self
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    /// Resolves once kicked, with the close code.
+    pub async fn kicked(&self) -> u16 {
+        self.token.cancelled().await;
+        self.code.load(Ordering::Acquire)
+    }
+}
+
+/// The hub's handle on one connection.
+#[derive(Debug, Clone)]
+pub struct MemberHandle {
+    pub id: ConnId,
+    pub tx: mpsc::Sender<Frame>,
+    pub kick: Kick,
+}
+
+/// Tuning of the hub.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// How long a hole in a room's sequence may stay open before it is fetched from the writer.
+    pub gap_timeout: Duration,
+    /// Most early arrivals held per room.
+    pub max_held_per_room: usize,
+    /// Most live messages buffered for one member while its replay runs.
+    pub max_join_buffer: usize,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        HubSettings {
+            gap_timeout: Duration::from_millis(500),
+            max_held_per_room: 1024,
+            max_join_buffer: 4096,
+        }
+    }
+}
+
+/// Why a join failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The connection went away during the replay.
+    #[error("connection closed during replay")]
+    Closed,
+}
+
+/// One serialized message on its way to members.
+#[derive(Debug, Clone)]
+struct Delivery {
+    seq: Seq,
+    frame: Frame,
+}
+
+struct Member {
+    handle: MemberHandle,
+    /// Last seq given to this member.
+    last: Seq,
+    /// `Some` while the member's replay runs: live messages wait here.
+    buffer: Option<Vec<Delivery>>,
+    /// A frame could not be queued: the connection is closing and must get nothing more, or it
+    /// would see a hole.
+    dead: bool,
+}
+
+struct Room {
+    order: RoomOrder<Delivery>,
+    members: HashMap<ConnId, Member>,
+    /// A gap-fill task is running for this room.
+    filling: bool,
+    /// Removed from the map (emptied): joins must look it up again.
+    closed: bool,
+}
+
+/// Rooms with local members. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    rooms: RwLock<HashMap<RoomId, Arc<Mutex<Room>>>>,
+    log: Arc<dyn MessageLog>,
+    settings: HubSettings,
+    metrics: Arc<GatewayMetrics>,
+}
+
+fn message_frame(event: &MessageEvent) -> Delivery {
+    Delivery {
+        seq: event.seq,
+        frame: ServerFrame::Message(event.clone()).to_json().into(),
+    }
+}
+
+impl Hub {
+    pub fn new(
+        log: Arc<dyn MessageLog>,
+        settings: HubSettings,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Self {
+        Hub {
+            inner: Arc::new(HubInner {
+                rooms: RwLock::default(),
+                log,
+                settings,
+                metrics,
+            }),
+        }
+    }
+
+    fn room(&self, room: &RoomId) -> Option<Arc<Mutex<Room>>> {
+        self.inner
+            .rooms
+            .read()
+            .expect("room map lock poisoned")
+            .get(room)
+            .cloned()
+    }
+
+    /// Number of rooms with local members.
+    pub fn room_count(&self) -> usize {
+        self.inner
+            .rooms
+            .read()
+            .expect("room map lock poisoned")
+            .len()
+    }
+
+    /// A message from the bus. Dropped if no local member is in its room.
+    pub fn ingest(&self, event: &MessageEvent) {
+        let Some(room_arc) = self.room(&event.room) else {
+            self.inner.metrics.bus_events_unrouted.inc();
+            return;
+        };
+        let delivery = message_frame(event);
+        let mut room = room_arc.lock().expect("room lock poisoned");
+        let offer = room.order.offer(delivery.seq, delivery);
+        self.apply_offer(&event.room, &room_arc, &mut room, offer);
+    }
+
+    fn apply_offer(
+        &self,
+        room_id: &RoomId,
+        room_arc: &Arc<Mutex<Room>>,
+        room: &mut Room,
+        offer: Offer<Delivery>,
+    ) {
+        let metrics = &self.inner.metrics;
+        match offer {
+            Offer::Deliver(items) => {
+                for item in &items {
+                    fan_out(room, item, &self.inner.settings, metrics);
+                }
+            }
+            Offer::Duplicate => metrics.bus_events_duplicate.inc(),
+            Offer::Held => metrics.bus_events_held.inc(),
+            Offer::Dropped => metrics.bus_events_dropped.inc(),
+        }
+        if room.order.gap().is_some() && !room.filling {
+            room.filling = true;
+            self.spawn_gap_fill(room_id.clone(), Arc::clone(room_arc));
+        }
+    }
+
+    /// Fetches a room's holes from the writer once they outlive the gap timeout, until none is
+    /// left or the room empties.
+    fn spawn_gap_fill(&self, room_id: RoomId, room_arc: Arc<Mutex<Room>>) {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(hub.inner.settings.gap_timeout).await;
+                let gap = {
+                    let mut room = room_arc.lock().expect("room lock poisoned");
+                    let gap = room.order.gap();
+                    if gap.is_none() || room.closed {
+                        room.filling = false;
+                        return;
+                    }
+                    gap
+                };
+                let Some((after, before)) = gap else { return };
+                let wanted = (before.0 - after.0 - 1).clamp(1, u64::from(MAX_HISTORY_LIMIT));
+                let limit = u32::try_from(wanted).unwrap_or(MAX_HISTORY_LIMIT);
+                match hub.inner.log.history(&room_id, after, limit).await {
+                    Ok(page) => {
+                        hub.inner.metrics.gap_fills.inc();
+                        tracing::debug!(room = %room_id, %after, %before, fetched = page.messages.len(), "gap filled from history");
+                        let mut room = room_arc.lock().expect("room lock poisoned");
+                        for event in &page.messages {
+                            let delivery = message_frame(event);
+                            if let Offer::Deliver(items) = room.order.offer(delivery.seq, delivery)
+                            {
+                                for item in &items {
+                                    fan_out(
+                                        &mut room,
+                                        item,
+                                        &hub.inner.settings,
+                                        &hub.inner.metrics,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(room = %room_id, error.message = %e, "gap fill failed: retrying");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Gets or creates the room and makes sure its head is known.
+    async fn open_room(&self, room_id: &RoomId) -> Result<Arc<Mutex<Room>>, LogError> {
+        loop {
+            let room_arc = {
+                let mut rooms = self.inner.rooms.write().expect("room map lock poisoned");
+                Arc::clone(rooms.entry(room_id.clone()).or_insert_with(|| {
+                    Arc::new(Mutex::new(Room {
+                        order: RoomOrder::new(self.inner.settings.max_held_per_room),
+                        members: HashMap::new(),
+                        filling: false,
+                        closed: false,
+                    }))
+                }))
+            };
+            let known = {
+                let room = room_arc.lock().expect("room lock poisoned");
+                if room.closed {
+                    continue;
+                }
+                room.order.head().is_some()
+            };
+            if !known {
+                // The room entry exists from here on, so every later bus message is kept; the
+                // head read now covers everything published before.
+                let page = match self.inner.log.history(room_id, Seq(0), 0).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        self.close_if_empty(room_id, &room_arc);
+                        return Err(e);
+                    }
+                };
+                let mut room = room_arc.lock().expect("room lock poisoned");
+                let ready = room.order.start_at(page.head);
+                for item in &ready {
+                    fan_out(&mut room, item, &self.inner.settings, &self.inner.metrics);
+                }
+            }
+            return Ok(room_arc);
+        }
+    }
+
+    /// Adds `member` to `room_id`. Without `since`, it gets live messages after the room's
+    /// current head; with `since`, first every stored message after `since` (a `since` beyond the
+    /// head counts as the head). Sends `joined` with the seq the member is at, then live
+    /// messages. Returns that seq.
+    ///
+    /// # Errors
+    /// When the writer cannot serve the head or the replay; the member is then not in the room.
+    pub async fn join(
+        &self,
+        member: &MemberHandle,
+        room_id: &RoomId,
+        since: Option<Seq>,
+    ) -> Result<Seq, JoinError> {
+        let room_arc = self.open_room(room_id).await?;
+        {
+            let mut room = room_arc.lock().expect("room lock poisoned");
+            let head = room.order.head().unwrap_or_default();
+            match since {
+                None => {
+                    let dead = !send_or_kick(member, joined(room_id, head));
+                    room.members.insert(
+                        member.id,
+                        Member {
+                            handle: member.clone(),
+                            last: head,
+                            buffer: None,
+                            dead,
+                        },
+                    );
+                    return Ok(head);
+                }
+                Some(since) => {
+                    room.members.insert(
+                        member.id,
+                        Member {
+                            handle: member.clone(),
+                            last: since,
+                            buffer: Some(Vec::new()),
+                            dead: false,
+                        },
+                    );
+                }
+            }
+        }
+        let since = since.unwrap_or_default();
+        let replayed = match self.replay(member, room_id, since).await {
+            Ok(last) => last,
+            Err(e) => {
+                self.leave(member.id, room_id);
+                return Err(e);
+            }
+        };
+        let mut room = room_arc.lock().expect("room lock poisoned");
+        let Some(entry) = room.members.get_mut(&member.id) else {
+            return Err(JoinError::Closed);
+        };
+        let buffered = entry.buffer.take().unwrap_or_default();
+        entry.last = replayed;
+        entry.dead = !send_or_kick(member, joined(room_id, replayed));
+        for item in &buffered {
+            if entry.dead {
+                break;
+            }
+            if item.seq > entry.last {
+                entry.last = item.seq;
+                entry.dead = !send_or_kick(member, item.frame.clone());
+            }
+        }
+        Ok(replayed)
+    }
+
+    /// Sends every stored message after `since` to the member, page by page. Returns the last
+    /// seq sent (or the room's head if there was nothing newer than `since`).
+    async fn replay(
+        &self,
+        member: &MemberHandle,
+        room_id: &RoomId,
+        since: Seq,
+    ) -> Result<Seq, JoinError> {
+        let mut last = since;
+        loop {
+            let page = self
+                .inner
+                .log
+                .history(room_id, last, MAX_HISTORY_LIMIT)
+                .await?;
+            let Some(newest) = page.messages.last().map(|m| m.seq) else {
+                return Ok(last.min(page.head));
+            };
+            for event in &page.messages {
+                let frame = message_frame(event).frame;
+                member.tx.send(frame).await.map_err(|_| JoinError::Closed)?;
+                self.inner.metrics.replayed.inc();
+            }
+            last = newest;
+            if last >= page.head {
+                return Ok(last);
+            }
+        }
+    }
+
+    /// Removes the member from the room; the room goes when its last member does.
+    pub fn leave(&self, id: ConnId, room_id: &RoomId) {
+        let Some(room_arc) = self.room(room_id) else {
+            return;
+        };
+        room_arc
+            .lock()
+            .expect("room lock poisoned")
+            .members
+            .remove(&id);
+        self.close_if_empty(room_id, &room_arc);
+    }
+
+    fn close_if_empty(&self, room_id: &RoomId, room_arc: &Arc<Mutex<Room>>) {
+        let mut rooms = self.inner.rooms.write().expect("room map lock poisoned");
+        let mut room = room_arc.lock().expect("room lock poisoned");
+        if room.members.is_empty() && !room.closed {
+            room.closed = true;
+            if rooms
+                .get(room_id)
+                .is_some_and(|current| Arc::ptr_eq(current, room_arc))
+            {
+                rooms.remove(room_id);
+            }
+        }
+    }
+}
+
+fn joined(room: &RoomId, seq: Seq) -> Frame {
+    ServerFrame::Joined {
+        room: room.clone(),
+        seq,
+    }
+    .to_json()
+    .into()
+}
+
+/// Queues a frame without waiting; a full queue closes the connection with the resume code.
+fn send_or_kick(member: &MemberHandle, frame: Frame) -> bool {
+    match member.tx.try_send(frame) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            member.kick.kick(close::SLOW_CONSUMER);
+            false
+        }
+        // The connection is gone; its clean-up removes it from the room.
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+fn fan_out(room: &mut Room, item: &Delivery, settings: &HubSettings, metrics: &GatewayMetrics) {
+    for member in room.members.values_mut() {
+        if item.seq <= member.last || member.dead {
+            continue;
+        }
+        match &mut member.buffer {
+            Some(buffer) => {
+                if buffer.len() >= settings.max_join_buffer {
+                    member.handle.kick.kick(close::SLOW_CONSUMER);
+                    member.dead = true;
+                    metrics.slow_consumers.inc();
+                } else {
+                    buffer.push(item.clone());
+                }
+            }
+            None => {
+                if send_or_kick(&member.handle, item.frame.clone()) {
+                    member.last = item.seq;
+                    metrics.delivered.inc();
+                } else {
+                    member.dead = true;
+                    metrics.slow_consumers.inc();
+                }
+            }
+        }
+    }
+}

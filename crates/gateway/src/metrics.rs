@@ -1,0 +1,102 @@
+//! The gateway's Prometheus metrics.
+
+use chorus_service::metrics::{Counter, Exposition, Gauge};
+
+/// Every counter and gauge of one gateway.
+#[derive(Debug, Default)]
+pub struct GatewayMetrics {
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub frames_received: Counter,
+    pub frames_rejected: Counter,
+    pub sends_acked: Counter,
+    pub sends_failed: Counter,
+    pub delivered: Counter,
+    pub replayed: Counter,
+    pub slow_consumers: Counter,
+    pub bus_notifications: Counter,
+    pub bus_rejected: Counter,
+    pub bus_events_unrouted: Counter,
+    pub bus_events_duplicate: Counter,
+    pub bus_events_held: Counter,
+    pub bus_events_dropped: Counter,
+    pub gap_fills: Counter,
+}
+
+impl GatewayMetrics {
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        Exposition::new()
+            .gauge(
+                "chorus_gateway_connections",
+                "Open WebSocket connections.",
+                &self.connections,
+            )
+            .counter(
+                "chorus_gateway_connections_total",
+                "WebSocket connections accepted.",
+                "",
+                &[("", &self.connections_total)],
+            )
+            .counter(
+                "chorus_gateway_client_frames_total",
+                "Client frames by outcome.",
+                "result",
+                &[
+                    ("accepted", &self.frames_received),
+                    ("rejected", &self.frames_rejected),
+                ],
+            )
+            .counter(
+                "chorus_gateway_sends_total",
+                "Client sends by outcome.",
+                "result",
+                &[("acked", &self.sends_acked), ("failed", &self.sends_failed)],
+            )
+            .counter(
+                "chorus_gateway_delivered_total",
+                "Live message frames queued to clients.",
+                "",
+                &[("", &self.delivered)],
+            )
+            .counter(
+                "chorus_gateway_replayed_total",
+                "History message frames replayed to joining clients.",
+                "",
+                &[("", &self.replayed)],
+            )
+            .counter(
+                "chorus_gateway_slow_consumers_total",
+                "Connections closed because their queue overflowed.",
+                "",
+                &[("", &self.slow_consumers)],
+            )
+            .counter(
+                "chorus_gateway_bus_notifications_total",
+                "SNS posts by outcome.",
+                "result",
+                &[
+                    ("accepted", &self.bus_notifications),
+                    ("rejected", &self.bus_rejected),
+                ],
+            )
+            .counter(
+                "chorus_gateway_bus_events_total",
+                "Bus message events not delivered at once, by reason.",
+                "reason",
+                &[
+                    ("no_local_members", &self.bus_events_unrouted),
+                    ("duplicate", &self.bus_events_duplicate),
+                    ("held_out_of_order", &self.bus_events_held),
+                    ("dropped_buffer_full", &self.bus_events_dropped),
+                ],
+            )
+            .counter(
+                "chorus_gateway_gap_fills_total",
+                "History fetches that filled a hole in a room's sequence.",
+                "",
+                &[("", &self.gap_fills)],
+            )
+            .finish()
+    }
+}

@@ -1,0 +1,148 @@
+//! HTTP routes of the gateway.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chorus_protocol::frames::{MAX_CLIENT_FRAME_BYTES, SUBPROTOCOL};
+use chorus_protocol::{BusPayload, UserId};
+
+use crate::AppState;
+use crate::bus::SnsEnvelope;
+use crate::connection;
+
+/// Largest SNS post accepted: a 256 KiB message, JSON-escaped, in its envelope.
+const MAX_SNS_POST_BYTES: usize = 1024 * 1024;
+/// Per-connection read buffer: chat frames are small (tungstenite's default is 128 KiB).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Per-connection write buffer before a flush.
+const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ws", get(websocket))
+        .route(
+            "/sns",
+            post(sns).layer(DefaultBodyLimit::max(MAX_SNS_POST_BYTES)),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn plain(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, message.into()).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        plain(StatusCode::OK, "ready")
+    } else {
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: subscribing or draining",
+        )
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, chorus_service::metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+}
+
+async fn websocket(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !state.ready.load(Ordering::Acquire) {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway not ready (starting or draining): connect to another gateway",
+        );
+    }
+    if !state.config.insecure_dev_users {
+        return plain(
+            StatusCode::UNAUTHORIZED,
+            "no authentication is configured on this gateway (dev users are off)",
+        );
+    }
+    let user = match params.get("user").map(|u| UserId::parse(u.as_str())) {
+        Some(Ok(user)) => user,
+        Some(Err(e)) => return plain(StatusCode::BAD_REQUEST, e.to_string()),
+        None => return plain(StatusCode::BAD_REQUEST, "missing ?user=NAME (dev mode)"),
+    };
+    let ctx = state.connection.clone();
+    let tracker = state.connections.clone();
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_message_size(MAX_CLIENT_FRAME_BYTES)
+        .max_frame_size(MAX_CLIENT_FRAME_BYTES)
+        .on_upgrade(move |socket| tracker.track_future(connection::serve(socket, user, ctx)))
+}
+
+async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
+    let reject = |status: StatusCode, why: &str| {
+        state.metrics.bus_rejected.inc();
+        tracing::warn!(reason = why, "SNS post rejected");
+        plain(status, why.to_owned())
+    };
+    let envelope: SnsEnvelope = match serde_json::from_slice(&body) {
+        Ok(envelope) => envelope,
+        Err(_) => return reject(StatusCode::BAD_REQUEST, "not an SNS message"),
+    };
+    if envelope.topic_arn != state.config.topic_arn {
+        return reject(StatusCode::FORBIDDEN, "not from the configured topic");
+    }
+    match envelope.kind.as_str() {
+        "Notification" => {
+            let payload = match BusPayload::parse(&envelope.message) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    tracing::warn!(message_id = %envelope.message_id, error.message = %e, "bad bus payload");
+                    return reject(StatusCode::BAD_REQUEST, "not a Chorus bus payload");
+                }
+            };
+            state.metrics.bus_notifications.inc();
+            for event in &payload.events {
+                state.connection.hub.ingest(event);
+            }
+            plain(StatusCode::OK, "ok")
+        }
+        "SubscriptionConfirmation" => {
+            let Some(token) = envelope.token else {
+                return reject(StatusCode::BAD_REQUEST, "confirmation without a token");
+            };
+            state.metrics.bus_notifications.inc();
+            // Confirm off the request: SNS may wait on this response before it can serve the
+            // ConfirmSubscription call.
+            let subscriptions = state.subscriptions.clone();
+            tokio::spawn(async move {
+                match subscriptions.confirm(&token).await {
+                    Ok(()) => tracing::info!("subscription confirmed"),
+                    Err(e) => {
+                        tracing::error!(error.message = %e, "confirming the subscription failed")
+                    }
+                }
+            });
+            plain(StatusCode::OK, "confirming")
+        }
+        "UnsubscribeConfirmation" => {
+            state.metrics.bus_notifications.inc();
+            tracing::info!(message_id = %envelope.message_id, "unsubscribe confirmed by SNS");
+            plain(StatusCode::OK, "ok")
+        }
+        _ => reject(StatusCode::BAD_REQUEST, "unknown SNS message type"),
+    }
+}
