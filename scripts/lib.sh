@@ -63,3 +63,35 @@ stop_pidfile() {
   fi
   rm -f "$file"
 }
+
+# start_bg NAME CMD...: run CMD in the background with its log in .run/NAME.log and PID in
+# .run/NAME.pid.
+start_bg() {
+  local name=$1
+  shift
+  "$@" >"$RUN_DIR/$name.log" 2>&1 &
+  echo $! >"$RUN_DIR/$name.pid"
+}
+
+# wait_ready NAME URL: wait for URL to answer 2xx while NAME's process lives; on failure show its log.
+wait_ready() {
+  local name=$1 url=$2 pid i
+  pid=$(cat "$RUN_DIR/$name.pid")
+  for ((i = 0; i < 300; i++)); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$RUN_DIR/$name.log" >&2 || true
+      die "$name exited during start-up (log: $RUN_DIR/$name.log)"
+    fi
+    if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  tail -n 30 "$RUN_DIR/$name.log" >&2 || true
+  die "$name not ready at $url within 30 s (log: $RUN_DIR/$name.log)"
+}
+
+# port_free PORT: fail clearly if something listens on 127.0.0.1:PORT already.
+port_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    die "127.0.0.1:$1 is already in use: stop whatever listens there (an earlier scripts/dev?)"
+  fi
+}

@@ -1,1 +1,220 @@
+//! A small Chorus client: connect to a gateway, join rooms, send, receive. Used by the
+//! `chorus-chat` terminal client, the `--demo` of `scripts/dev`, and the end-to-end tests.
+//!
+//! It follows the README's client contract: it offers the `chorus.v1` subprotocol, tracks the last
+//! seq received per room, and [`Client::resume`] re-joins with `since` after a reconnect.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chorus_protocol::frames::SUBPROTOCOL;
+use chorus_protocol::{ClientFrame, RoomId, Seq, ServerFrame};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// What the client can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+    #[error("the gateway closed the connection (code {code}: {reason})")]
+    Closed { code: u16, reason: String },
+    #[error("the connection ended")]
+    Ended,
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+    #[error("invalid frame from the gateway: {0}")]
+    BadFrame(#[from] serde_json::Error),
+}
+
+/// Something received from the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    Frame(ServerFrame),
+    /// The gateway closed the connection with this code.
+    Closed { code: u16, reason: String },
+}
+
+/// One connection to a gateway.
+pub struct Client {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Last seq received per room (for resume).
+    pub last_seq: HashMap<RoomId, Seq>,
+    next_id: u64,
+    id_prefix: String,
+}
+
+impl Client {
+    /// Connects to `url` (e.g. `ws://127.0.0.1:8081/ws?user=john`), offering `chorus.v1`.
+    ///
+    /// # Errors
+    /// When the connection or handshake fails (the gateway's HTTP answer is in the error).
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        let mut request = url.into_client_request()?;
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+        let (socket, _response) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client {
+            socket,
+            last_seq: HashMap::new(),
+            next_id: 0,
+            id_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+        })
+    }
+
+    /// Sends a raw text frame (for tests of bad input).
+    ///
+    /// # Errors
+    /// When the socket fails.
+    pub async fn send_raw(&mut self, text: impl Into<String>) -> Result<(), ClientError> {
+        self.socket.send(Message::text(text.into())).await?;
+        Ok(())
+    }
+
+    /// Sends a raw WebSocket message.
+    ///
+    /// # Errors
+    /// When the socket fails.
+    pub async fn send_message(&mut self, message: Message) -> Result<(), ClientError> {
+        self.socket.send(message).await?;
+        Ok(())
+    }
+
+    async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        self.send_raw(serde_json::to_string(frame)?).await
+    }
+
+    /// Asks to join `room` (with `since`, replay first); returns without waiting for `joined`.
+    ///
+    /// # Errors
+    /// When the socket fails.
+    pub async fn join(&mut self, room: &RoomId, since: Option<Seq>) -> Result<(), ClientError> {
+        self.send_frame(&ClientFrame::Join {
+            room: room.clone(),
+            since,
+        })
+        .await
+    }
+
+    /// Re-joins every room seen so far with `since` = the last seq received there.
+    ///
+    /// # Errors
+    /// When the socket fails.
+    pub async fn resume(&mut self, rooms: &[RoomId]) -> Result<(), ClientError> {
+        for room in rooms {
+            let since = self.last_seq.get(room).copied().unwrap_or_default();
+            self.join(room, Some(since)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `body` to `room` with a fresh client message id, which it returns.
+    ///
+    /// # Errors
+    /// When the body is invalid or the socket fails.
+    pub async fn send(&mut self, room: &RoomId, body: &str) -> Result<String, ClientError> {
+        self.next_id += 1;
+        let id = format!("{}-{}", self.id_prefix, self.next_id);
+        let body = chorus_protocol::Body::parse(body)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let id_value = chorus_protocol::ClientMsgId::parse(id.clone())
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        self.send_frame(&ClientFrame::Send {
+            room: room.clone(),
+            id: id_value,
+            body,
+        })
+        .await?;
+        Ok(id)
+    }
+
+    /// The next frame or close, waiting at most `timeout`. `Ok(None)` on timeout.
+    ///
+    /// # Errors
+    /// When the socket fails or the gateway sends something that is not a server frame.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Received>, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                Err(_) => return Ok(None),
+                Ok(next) => next,
+            };
+            match next {
+                None => return Err(ClientError::Ended),
+                Some(Err(tungstenite::Error::ConnectionClosed)) => return Err(ClientError::Ended),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Text(text))) => {
+                    let frame: ServerFrame = serde_json::from_str(text.as_str())?;
+                    if let ServerFrame::Message(event) = &frame {
+                        self.last_seq.insert(event.room.clone(), event.seq);
+                    }
+                    return Ok(Some(Received::Frame(frame)));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Ok(Some(Received::Closed { code, reason }));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next server frame, or an error if the connection closes or `timeout` passes.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`], [`ClientError::Closed`] and socket errors.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Result<ServerFrame, ClientError> {
+        match self.recv_timeout(timeout).await? {
+            Some(Received::Frame(frame)) => Ok(frame),
+            Some(Received::Closed { code, reason }) => Err(ClientError::Closed { code, reason }),
+            None => Err(ClientError::Timeout(timeout, "a frame".into())),
+        }
+    }
+
+    /// Reads frames until one matches `want`, returning it; frames before it are returned too.
+    ///
+    /// # Errors
+    /// As [`Client::next_frame`]; the deadline covers the whole wait.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        want: impl Fn(&ServerFrame) -> bool,
+    ) -> Result<(ServerFrame, Vec<ServerFrame>), ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = match self.next_frame(left).await {
+                Err(ClientError::Timeout(..)) => {
+                    return Err(ClientError::Timeout(timeout, what.to_owned()));
+                }
+                other => other?,
+            };
+            if want(&frame) {
+                return Ok((frame, before));
+            }
+            before.push(frame);
+        }
+    }
+
+    /// Closes the connection normally.
+    ///
+    /// # Errors
+    /// When the socket fails.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.socket.close(None).await?;
+        Ok(())
+    }
+}

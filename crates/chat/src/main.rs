@@ -1,0 +1,185 @@
+//! `chorus-chat`: chat from a terminal, or run the two-gateway demo.
+//!
+//! This is a command-line tool, not a service: it prints to stdout by design.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chorus_chat::{Client, ClientError, Received};
+use chorus_protocol::{RoomId, ServerFrame, close};
+use clap::Parser as _;
+use tokio::io::AsyncBufReadExt as _;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "chorus-chat", version, about = "Chat through Chorus gateways from a terminal")]
+struct Cli {
+    #[command(subcommand)]
+    demo: Option<Demo>,
+    /// Gateway WebSocket URL; repeat to give fallbacks used in turn after a drain or a drop.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8081/ws")]
+    urls: Vec<String>,
+    /// Room to join.
+    #[arg(long, default_value = "lobby")]
+    room: String,
+    /// Your name (dev mode: sent as ?user=NAME).
+    #[arg(long, default_value = "guest")]
+    user: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Demo {
+    /// John on gateway A and Lucy on gateway B greet each other; exit 0 only if both hear the other.
+    Demo {
+        #[arg(long, default_value = "ws://127.0.0.1:8081/ws")]
+        a: String,
+        #[arg(long, default_value = "ws://127.0.0.1:8082/ws")]
+        b: String,
+        #[arg(long, default_value = "lobby")]
+        room: String,
+    },
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn with_user(url: &str, user: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}user={user}")
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.demo {
+        Some(Demo::Demo { a, b, room }) => demo(&a, &b, &room).await,
+        None => chat(&cli.urls, &cli.room, &cli.user).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chorus-chat: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_room(room: &str) -> Result<RoomId, ClientError> {
+    RoomId::parse(room).map_err(|e| ClientError::Unexpected(e.to_string()))
+}
+
+async fn chat(urls: &[String], room: &str, user: &str) -> Result<(), ClientError> {
+    let room = parse_room(room)?;
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut last = None;
+    let mut attempt = 0usize;
+    loop {
+        let url = with_user(&urls[attempt % urls.len()], user);
+        let mut client = match Client::connect(&url).await {
+            Ok(client) => client,
+            Err(e) => {
+                eprintln!("* cannot connect to {url}: {e}");
+                attempt += 1;
+                if attempt >= urls.len() * 5 {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if let Some(seq) = last {
+            client.last_seq.insert(room.clone(), seq);
+        }
+        eprintln!("* connected to {url}");
+        client.join(&room, last).await?;
+        loop {
+            tokio::select! {
+                line = stdin.next_line() => {
+                    match line {
+                        Ok(Some(line)) if line.trim().is_empty() => {}
+                        Ok(Some(line)) => { client.send(&room, &line).await?; }
+                        _ => return client.close().await,
+                    }
+                }
+                received = client.recv_timeout(Duration::from_secs(3600)) => {
+                    match received {
+                        Ok(Some(Received::Frame(frame))) => print_frame(&frame),
+                        Ok(Some(Received::Closed { code, reason })) if close::should_resume(code) => {
+                            eprintln!("* gateway closed ({code}: {reason}): reconnecting and resuming");
+                            break;
+                        }
+                        Ok(Some(Received::Closed { code, reason })) => {
+                            return Err(ClientError::Closed { code, reason });
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            eprintln!("* connection lost ({e}): reconnecting and resuming");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        last = client.last_seq.get(&room).copied().or(last);
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_frame(frame: &ServerFrame) {
+    match frame {
+        ServerFrame::Message(m) => println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str()),
+        ServerFrame::Joined { room, seq } => eprintln!("* joined {room} at seq {seq}"),
+        ServerFrame::Left { room } => eprintln!("* left {room}"),
+        ServerFrame::Ack { seq, .. } => eprintln!("* sent (seq {seq})"),
+        ServerFrame::Error { code, message, .. } => eprintln!("! {code:?}: {message}"),
+    }
+}
+
+async fn demo(a: &str, b: &str, room: &str) -> Result<(), ClientError> {
+    let room = parse_room(room)?;
+    let mut john = Client::connect(&with_user(a, "john")).await?;
+    let mut lucy = Client::connect(&with_user(b, "lucy")).await?;
+    for (who, client) in [("john", &mut john), ("lucy", &mut lucy)] {
+        client.join(&room, None).await?;
+        let (frame, _) = client
+            .wait_for(WAIT, "joined", |f| matches!(f, ServerFrame::Joined { .. }))
+            .await?;
+        if let ServerFrame::Joined { seq, .. } = frame {
+            println!("{who:>5} joined {room} (head seq {seq})");
+        }
+    }
+    greet(&mut john, "john", "A", &mut lucy, "lucy", "B", &room, "Hello world").await?;
+    greet(&mut lucy, "lucy", "B", &mut john, "john", "A", &room, "Hi John, Lucy here!").await?;
+    john.close().await?;
+    lucy.close().await?;
+    println!("demo ok: each heard the other across gateways");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn greet(
+    from: &mut Client,
+    from_name: &str,
+    from_gw: &str,
+    to: &mut Client,
+    to_name: &str,
+    to_gw: &str,
+    room: &RoomId,
+    body: &str,
+) -> Result<(), ClientError> {
+    let id = from.send(room, body).await?;
+    let (ack, _) = from
+        .wait_for(WAIT, "ack", |f| matches!(f, ServerFrame::Ack { id: got, .. } if got.as_str() == id))
+        .await?;
+    let ServerFrame::Ack { seq, .. } = ack else { unreachable!() };
+    println!("{from_name:>5} on gateway {from_gw} → {room}: {body:?} (acked, seq {seq})");
+    let (got, _) = to
+        .wait_for(WAIT, &format!("{from_name}'s message on gateway {to_gw}"), |f| {
+            matches!(f, ServerFrame::Message(m) if m.id.as_str() == id)
+        })
+        .await?;
+    if let ServerFrame::Message(m) = got {
+        println!("{to_name:>5} on gateway {to_gw} ← {room} #{}: {}: {:?}", m.seq, m.sender, m.body.as_str());
+    }
+    Ok(())
+}
