@@ -39,7 +39,10 @@ pub enum ClientError {
 pub enum Received {
     Frame(ServerFrame),
     /// The gateway closed the connection with this code.
-    Closed { code: u16, reason: String },
+    Closed {
+        code: u16,
+        reason: String,
+    },
 }
 
 /// One connection to a gateway.
@@ -141,7 +144,10 @@ impl Client {
     ///
     /// # Errors
     /// When the socket fails or the gateway sends something that is not a server frame.
-    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Received>, ClientError> {
+    pub async fn recv_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<Received>, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let next = match tokio::time::timeout_at(deadline, self.socket.next()).await {

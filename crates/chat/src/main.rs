@@ -12,7 +12,11 @@ use clap::Parser as _;
 use tokio::io::AsyncBufReadExt as _;
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "chorus-chat", version, about = "Chat through Chorus gateways from a terminal")]
+#[command(
+    name = "chorus-chat",
+    version,
+    about = "Chat through Chorus gateways from a terminal"
+)]
 struct Cli {
     #[command(subcommand)]
     demo: Option<Demo>,
@@ -127,7 +131,9 @@ async fn chat(urls: &[String], room: &str, user: &str) -> Result<(), ClientError
 
 fn print_frame(frame: &ServerFrame) {
     match frame {
-        ServerFrame::Message(m) => println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str()),
+        ServerFrame::Message(m) => {
+            println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str())
+        }
         ServerFrame::Joined { room, seq } => eprintln!("* joined {room} at seq {seq}"),
         ServerFrame::Left { room } => eprintln!("* left {room}"),
         ServerFrame::Ack { seq, .. } => eprintln!("* sent (seq {seq})"),
@@ -148,8 +154,28 @@ async fn demo(a: &str, b: &str, room: &str) -> Result<(), ClientError> {
             println!("{who:>5} joined {room} (head seq {seq})");
         }
     }
-    greet(&mut john, "john", "A", &mut lucy, "lucy", "B", &room, "Hello world").await?;
-    greet(&mut lucy, "lucy", "B", &mut john, "john", "A", &room, "Hi John, Lucy here!").await?;
+    greet(
+        &mut john,
+        "john",
+        "A",
+        &mut lucy,
+        "lucy",
+        "B",
+        &room,
+        "Hello world",
+    )
+    .await?;
+    greet(
+        &mut lucy,
+        "lucy",
+        "B",
+        &mut john,
+        "john",
+        "A",
+        &room,
+        "Hi John, Lucy here!",
+    )
+    .await?;
     john.close().await?;
     lucy.close().await?;
     println!("demo ok: each heard the other across gateways");
@@ -169,17 +195,30 @@ async fn greet(
 ) -> Result<(), ClientError> {
     let id = from.send(room, body).await?;
     let (ack, _) = from
-        .wait_for(WAIT, "ack", |f| matches!(f, ServerFrame::Ack { id: got, .. } if got.as_str() == id))
+        .wait_for(
+            WAIT,
+            "ack",
+            |f| matches!(f, ServerFrame::Ack { id: got, .. } if got.as_str() == id),
+        )
         .await?;
-    let ServerFrame::Ack { seq, .. } = ack else { unreachable!() };
+    let ServerFrame::Ack { seq, .. } = ack else {
+        unreachable!()
+    };
     println!("{from_name:>5} on gateway {from_gw} → {room}: {body:?} (acked, seq {seq})");
     let (got, _) = to
-        .wait_for(WAIT, &format!("{from_name}'s message on gateway {to_gw}"), |f| {
-            matches!(f, ServerFrame::Message(m) if m.id.as_str() == id)
-        })
+        .wait_for(
+            WAIT,
+            &format!("{from_name}'s message on gateway {to_gw}"),
+            |f| matches!(f, ServerFrame::Message(m) if m.id.as_str() == id),
+        )
         .await?;
     if let ServerFrame::Message(m) = got {
-        println!("{to_name:>5} on gateway {to_gw} ← {room} #{}: {}: {:?}", m.seq, m.sender, m.body.as_str());
+        println!(
+            "{to_name:>5} on gateway {to_gw} ← {room} #{}: {}: {:?}",
+            m.seq,
+            m.sender,
+            m.body.as_str()
+        );
     }
     Ok(())
 }

@@ -1,1 +1,321 @@
+//! Harness for the end-to-end tests: a [`Stack`] of real `chorus-*` binaries (built by
+//! `cargo build --bins`, which `scripts/test` runs first) against the AWS emulator named by
+//! `AWS_ENDPOINT_URL`. Each stack gets its own table and topic, so tests run in parallel.
+//!
+//! Readiness comes from the services themselves: each logs `… listening` with its address (read
+//! from its JSON log on stderr), and a gateway is used only once `/readyz` answers 200.
 
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Where the workspace's binaries are: next to this test executable's `deps/` folder.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target/debug");
+    dir.to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (./scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The emulator endpoint; the tests need one.
+pub fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").expect(
+        "AWS_ENDPOINT_URL is not set: the e2e tests need the AWS emulator; run ./scripts/test",
+    )
+}
+
+/// A running service process. Killed on drop if still running.
+pub struct Service {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Service {
+    /// Starts `bin args…` with JSON logs and waits until it logs its listening address.
+    ///
+    /// # Errors
+    /// When it exits or does not listen within 30 s.
+    pub fn start(
+        name: &str,
+        bin: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Service> {
+        let log_dir = bin_dir().join("e2e-logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut command = Command::new(binary(bin));
+        command
+            .args(args)
+            .env("CHORUS_LOG_FORMAT", "json")
+            .env("CHORUS_LOG", "info,chorus_gateway=debug")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().with_context(|| format!("starting {bin}"))?;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (addr_tx, addr_rx) = mpsc::channel::<SocketAddr>();
+        let log_path = log.clone();
+        // Copy the log to a file for post-mortems, and report the listening address once seen.
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::create(&log_path).ok();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
+                    && entry["message"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with("listening"))
+                    && let Some(addr) = entry["addr"].as_str().and_then(|a| a.parse().ok())
+                {
+                    let _ = addr_tx.send(addr);
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = addr_rx.recv_timeout(Duration::from_millis(50)) {
+                return Ok(Service {
+                    name: name.to_owned(),
+                    addr,
+                    child,
+                    log,
+                });
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{name} exited during start-up ({status}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "{name} did not listen within 30 s; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// Starts a process that does not listen (the publisher poller).
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn start_unlistening(
+        name: &str,
+        bin: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Service> {
+        let log_dir = bin_dir().join("e2e-logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut command = Command::new(binary(bin));
+        command
+            .args(args)
+            .env("CHORUS_LOG_FORMAT", "json")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let child = command.spawn().with_context(|| format!("starting {bin}"))?;
+        Ok(Service {
+            name: name.to_owned(),
+            addr: "127.0.0.1:0".parse()?,
+            child,
+            log,
+        })
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws(&self, user: &str) -> String {
+        format!("ws://{}/ws?user={user}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The service's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit, at most `timeout`.
+    ///
+    /// # Errors
+    /// When it does not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.pid());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still running {timeout:?} after SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // Gateways unsubscribe on SIGTERM; a dead subscriber would fail every later publish
+            // on the emulator (it delivers synchronously).
+            let _ = self.terminate(Duration::from_secs(10));
+            self.kill();
+        }
+    }
+}
+
+/// A table + topic of its own, a writer, a publisher poller, and gateways.
+pub struct Stack {
+    pub table: String,
+    pub topic_arn: String,
+    pub writer: Service,
+    pub publisher: Service,
+    pub gateways: Vec<Service>,
+}
+
+/// AWS clients for the emulator.
+pub async fn aws() -> aws_config::SdkConfig {
+    endpoint();
+    chorus_service::load_aws_config().await
+}
+
+impl Stack {
+    /// Starts a stack with `gateways` gateways and waits until every gateway is ready.
+    ///
+    /// # Errors
+    /// When any part does not start.
+    pub async fn start(gateways: usize) -> anyhow::Result<Stack> {
+        let aws = aws().await;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let table = format!("e2e-{}", &suffix[..12]);
+        chorus_writer::store::ensure_table(&aws_sdk_dynamodb::Client::new(&aws), &table).await?;
+        let topic_arn =
+            chorus_publisher::sns::ensure_topic(&aws_sdk_sns::Client::new(&aws), &table).await?;
+
+        let writer = Service::start(
+            "writer",
+            "chorus-writer",
+            &["--listen", "127.0.0.1:0", "--table", &table],
+            &[],
+        )?;
+        let publisher = Service::start_unlistening(
+            "publisher",
+            "chorus-publisher",
+            &[
+                "poll",
+                "--table",
+                &table,
+                "--topic-arn",
+                &topic_arn,
+                "--idle-ms",
+                "20",
+            ],
+            &[],
+        )?;
+        let mut stack = Stack {
+            table,
+            topic_arn,
+            writer,
+            publisher,
+            gateways: Vec::new(),
+        };
+        for _ in 0..gateways {
+            stack.add_gateway(&[]).await?;
+        }
+        Ok(stack)
+    }
+
+    /// Starts one more gateway (extra flags appended) and waits until it is ready.
+    ///
+    /// # Errors
+    /// When it does not become ready within 30 s.
+    pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
+        let name = format!("gateway-{}", self.gateways.len());
+        let writer_url = self.writer.http();
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--writer-url",
+            &writer_url,
+            "--topic-arn",
+            &self.topic_arn,
+            "--gateway-id",
+            &name,
+            "--insecure-skip-sns-verification",
+            "--insecure-dev-users",
+            "--drain-timeout-ms",
+            "5000",
+            "--gap-timeout-ms",
+            "200",
+        ];
+        args.extend_from_slice(extra);
+        let gateway = Service::start(&name, "chorus-gateway", &args, &[])?;
+        wait_ready(&format!("{}/readyz", gateway.http())).await?;
+        self.gateways.push(gateway);
+        Ok(self.gateways.len() - 1)
+    }
+}
+
+/// Polls `url` until it answers 200, at most 30 s.
+///
+/// # Errors
+/// When it does not.
+pub async fn wait_ready(url: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(res) = http.get(url).send().await
+            && res.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{url} not ready within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,312 @@
+//! The walking skeleton end to end: real binaries, the emulator's DynamoDB stream and SNS.
+
+use std::time::Duration;
+
+use chorus_chat::{Client, Received};
+use chorus_e2e::Stack;
+use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn room(name: &str) -> RoomId {
+    RoomId::parse(name).unwrap()
+}
+
+async fn joined(client: &mut Client, room: &RoomId, since: Option<Seq>) -> (Seq, Vec<ServerFrame>) {
+    client.join(room, since).await.unwrap();
+    let (frame, before) = client
+        .wait_for(WAIT, "joined", |f| matches!(f, ServerFrame::Joined { .. }))
+        .await
+        .unwrap();
+    let ServerFrame::Joined { seq, room: got } = frame else {
+        unreachable!()
+    };
+    assert_eq!(&got, room);
+    (seq, before)
+}
+
+async fn next_message(client: &mut Client) -> chorus_protocol::MessageEvent {
+    let (frame, _) = client
+        .wait_for(WAIT, "a message", |f| matches!(f, ServerFrame::Message(_)))
+        .await
+        .unwrap();
+    let ServerFrame::Message(m) = frame else {
+        unreachable!()
+    };
+    m
+}
+
+async fn acked(client: &mut Client, id: &str) -> Seq {
+    let (frame, _) = client
+        .wait_for(
+            WAIT,
+            "ack",
+            |f| matches!(f, ServerFrame::Ack { id: got, .. } if got.as_str() == id),
+        )
+        .await
+        .unwrap();
+    let ServerFrame::Ack { seq, .. } = frame else {
+        unreachable!()
+    };
+    seq
+}
+
+#[tokio::test]
+async fn john_on_a_and_lucy_on_b_hear_each_other_once_and_in_order() {
+    let stack = Stack::start(2).await.unwrap();
+    let lobby = room("lobby");
+    let mut john = Client::connect(&stack.gateways[0].ws("john"))
+        .await
+        .unwrap();
+    let mut lucy = Client::connect(&stack.gateways[1].ws("lucy"))
+        .await
+        .unwrap();
+    assert_eq!(joined(&mut john, &lobby, None).await.0, Seq(0));
+    assert_eq!(joined(&mut lucy, &lobby, None).await.0, Seq(0));
+
+    let id = john.send(&lobby, "Hello world").await.unwrap();
+    let (ack, _) = john
+        .wait_for(WAIT, "ack", |f| matches!(f, ServerFrame::Ack { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&ack, ServerFrame::Ack { id: got, room: r, seq: Seq(1) } if got.as_str() == id && r == &lobby),
+        "{ack:?}"
+    );
+
+    let heard = next_message(&mut lucy).await;
+    assert_eq!(
+        (heard.seq, heard.sender.as_str(), heard.body.as_str()),
+        (Seq(1), "john", "Hello world")
+    );
+    assert_eq!(heard.id.as_str(), id);
+
+    let id2 = lucy.send(&lobby, "Hi John").await.unwrap();
+    let (ack, lucy_before_ack) = lucy
+        .wait_for(
+            WAIT,
+            "ack",
+            |f| matches!(f, ServerFrame::Ack { id, .. } if id.as_str() == id2),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(ack, ServerFrame::Ack { seq: Seq(2), .. }));
+    // John gets his own message and then Lucy's, in order.
+    let own = next_message(&mut john).await;
+    let reply = next_message(&mut john).await;
+    assert_eq!((own.seq, reply.seq), (Seq(1), Seq(2)));
+    assert_eq!(
+        (reply.sender.as_str(), reply.body.as_str()),
+        ("lucy", "Hi John")
+    );
+
+    // Exactly once: Lucy's frames up to her own message 2, then for both everything up to a
+    // probe (leave → left), hold seq 1 then 2 and nothing else.
+    let (last, lucy_before_own) = lucy
+        .wait_for(
+            WAIT,
+            "message 2",
+            |f| matches!(f, ServerFrame::Message(m) if m.seq == Seq(2)),
+        )
+        .await
+        .unwrap();
+    let mut seen = vec![vec![1, 2], vec![1]];
+    seen[1].extend(message_seqs(&lucy_before_ack));
+    seen[1].extend(message_seqs(&lucy_before_own));
+    seen[1].extend(message_seqs(&[last]));
+    for (client, seen) in [&mut john, &mut lucy].into_iter().zip(&mut seen) {
+        client
+            .send_raw(r#"{"type":"leave","room":"lobby"}"#)
+            .await
+            .unwrap();
+        let (_, before) = client
+            .wait_for(WAIT, "left", |f| matches!(f, ServerFrame::Left { .. }))
+            .await
+            .unwrap();
+        seen.extend(message_seqs(&before));
+        assert_eq!(seen, &[1, 2]);
+    }
+}
+
+fn message_seqs(frames: &[ServerFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message(m) => Some(m.seq.0),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_member_of_one_room_never_sees_another_rooms_messages() {
+    let stack = Stack::start(2).await.unwrap();
+    let (x, y) = (room("x"), room("y"));
+    let mut only_x = Client::connect(&stack.gateways[0].ws("ann")).await.unwrap();
+    let mut sender = Client::connect(&stack.gateways[1].ws("bob")).await.unwrap();
+    joined(&mut only_x, &x, None).await;
+    joined(&mut sender, &x, None).await;
+    joined(&mut sender, &y, None).await;
+
+    let secret = sender.send(&y, "for room y only").await.unwrap();
+    acked(&mut sender, &secret).await;
+    let marker = sender.send(&x, "marker").await.unwrap();
+    acked(&mut sender, &marker).await;
+
+    // The publisher forwards in stream order, so a leak of y's message would arrive first.
+    let (frame, before) = only_x
+        .wait_for(
+            WAIT,
+            "the marker",
+            |f| matches!(f, ServerFrame::Message(m) if m.id.as_str() == marker),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(frame, ServerFrame::Message(ref m) if m.room == x && m.seq == Seq(1)));
+    assert!(before.is_empty(), "room x member got {before:?}");
+}
+
+#[tokio::test]
+async fn invalid_frames_get_an_error_and_the_connection_stays_usable() {
+    let stack = Stack::start(1).await.unwrap();
+    let lobby = room("lobby");
+    let mut client = Client::connect(&stack.gateways[0].ws("eve")).await.unwrap();
+
+    let cases = [
+        ("not json", ErrorCode::BadFrame, None),
+        (
+            r#"{"type":"shout","id":"m1"}"#,
+            ErrorCode::UnknownType,
+            Some("m1"),
+        ),
+        (
+            r#"{"type":"join","room":"bad room"}"#,
+            ErrorCode::BadFrame,
+            None,
+        ),
+        (
+            r#"{"type":"send","room":"lobby","id":"m2","body":"hi"}"#,
+            ErrorCode::NotJoined,
+            Some("m2"),
+        ),
+        (
+            r#"{"type":"leave","room":"lobby"}"#,
+            ErrorCode::NotJoined,
+            None,
+        ),
+    ];
+    for (text, code, reference) in cases {
+        client.send_raw(text).await.unwrap();
+        match client.next_frame(WAIT).await.unwrap() {
+            ServerFrame::Error {
+                code: got,
+                message,
+                reference: got_ref,
+            } => {
+                assert_eq!(got, code, "{text}: {message}");
+                assert_eq!(got_ref.as_deref(), reference, "{text}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{text}: expected an error, got {other:?}"),
+        }
+    }
+    let oversized = format!(
+        r#"{{"type":"send","room":"lobby","id":"m3","body":"{}"}}"#,
+        "x".repeat(17 * 1024)
+    );
+    client.send_raw(oversized).await.unwrap();
+    assert!(matches!(
+        client.next_frame(WAIT).await.unwrap(),
+        ServerFrame::Error {
+            code: ErrorCode::BadFrame,
+            ..
+        }
+    ));
+
+    // Still usable: join, send, receive.
+    joined(&mut client, &lobby, None).await;
+    let id = client.send(&lobby, "still here").await.unwrap();
+    assert_eq!(acked(&mut client, &id).await, Seq(1));
+    assert_eq!(next_message(&mut client).await.body.as_str(), "still here");
+}
+
+#[tokio::test]
+async fn resume_with_since_on_another_gateway_replays_then_goes_live_without_gap_or_duplicate() {
+    let stack = Stack::start(2).await.unwrap();
+    let lobby = room("lobby");
+    let mut john = Client::connect(&stack.gateways[0].ws("john"))
+        .await
+        .unwrap();
+    joined(&mut john, &lobby, None).await;
+    for i in 1..=5 {
+        let id = john.send(&lobby, &format!("m{i}")).await.unwrap();
+        acked(&mut john, &id).await;
+    }
+
+    let mut lucy = Client::connect(&stack.gateways[1].ws("lucy"))
+        .await
+        .unwrap();
+    let (head, replay) = joined(&mut lucy, &lobby, Some(Seq(2))).await;
+    assert_eq!(head, Seq(5));
+    let replayed: Vec<(u64, String)> = replay
+        .iter()
+        .map(|f| match f {
+            ServerFrame::Message(m) => (m.seq.0, m.body.as_str().to_owned()),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        replayed,
+        [(3, "m3".into()), (4, "m4".into()), (5, "m5".into())]
+    );
+
+    let id = john.send(&lobby, "live").await.unwrap();
+    acked(&mut john, &id).await;
+    let live = next_message(&mut lucy).await;
+    assert_eq!((live.seq, live.body.as_str()), (Seq(6), "live"));
+}
+
+#[tokio::test]
+async fn a_draining_gateway_closes_clients_with_the_resume_code_and_unsubscribes() {
+    let mut stack = Stack::start(2).await.unwrap();
+    let lobby = room("lobby");
+    let mut on_a = Client::connect(&stack.gateways[0].ws("ann")).await.unwrap();
+    let mut on_b = Client::connect(&stack.gateways[1].ws("bob")).await.unwrap();
+    joined(&mut on_a, &lobby, None).await;
+    joined(&mut on_b, &lobby, None).await;
+
+    let status = stack.gateways[0]
+        .terminate(Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success(), "gateway exited with {status}");
+    match on_a.recv_timeout(WAIT).await.unwrap() {
+        Some(Received::Closed { code, .. }) => {
+            assert_eq!(code, close::SERVER_RESTARTING);
+            assert!(close::should_resume(code));
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    assert!(stack.gateways[0].log().contains("gateway stopped"));
+
+    // The drained gateway unsubscribed: publishing still works for the others.
+    let id = on_b.send(&lobby, "after the drain").await.unwrap();
+    acked(&mut on_b, &id).await;
+    assert_eq!(
+        next_message(&mut on_b).await.body.as_str(),
+        "after the drain"
+    );
+
+    // And the client resumes on B with what it had.
+    let mut resumed = Client::connect(&stack.gateways[1].ws("ann")).await.unwrap();
+    let (head, replay) = joined(&mut resumed, &lobby, Some(Seq(0))).await;
+    assert_eq!(head, Seq(1));
+    assert_eq!(replay.len(), 1);
+}
+
+#[tokio::test]
+async fn connecting_without_a_user_in_dev_mode_is_refused_with_a_reason() {
+    let stack = Stack::start(1).await.unwrap();
+    let url = format!("ws://{}/ws", stack.gateways[0].addr);
+    let err = Client::connect(&url).await.err().expect("refused");
+    assert!(err.to_string().contains("400"), "{err}");
+}
