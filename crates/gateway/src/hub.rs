@@ -129,8 +129,10 @@ struct Member {
 struct Room {
     order: RoomOrder<Delivery>,
     members: HashMap<ConnId, Member>,
-    /// A gap-fill task is running for this room.
-    filling: bool,
+    /// A repair task (gap fill, tail check) is running for this room.
+    repairing: bool,
+    /// Bumped on every bus arrival, so the repair task can tell a quiet room.
+    activity: u64,
     /// Removed from the map (emptied): joins must look it up again.
     closed: bool,
 }
@@ -198,7 +200,7 @@ impl Hub {
         let delivery = message_frame(event);
         let mut room = room_arc.lock().expect("room lock poisoned");
         let offer = room.order.offer(delivery.seq, delivery);
-        self.apply_offer(&event.room, &room_arc, &mut room, offer);
+        self.apply_offer(&event.room, &room_arc, &mut room, offer, true);
     }
 
     fn apply_offer(
@@ -207,6 +209,7 @@ impl Hub {
         room_arc: &Arc<Mutex<Room>>,
         room: &mut Room,
         offer: Offer<Delivery>,
+        from_bus: bool,
     ) {
         let metrics = &self.inner.metrics;
         match offer {
@@ -215,61 +218,112 @@ impl Hub {
                     fan_out(room, item, &self.inner.settings, metrics);
                 }
             }
-            Offer::Duplicate => metrics.bus_events_duplicate.inc(),
-            Offer::Held => metrics.bus_events_held.inc(),
-            Offer::Dropped => metrics.bus_events_dropped.inc(),
+            Offer::Duplicate if from_bus => metrics.bus_events_duplicate.inc(),
+            Offer::Held if from_bus => metrics.bus_events_held.inc(),
+            Offer::Dropped if from_bus => metrics.bus_events_dropped.inc(),
+            _ => {}
         }
-        if room.order.gap().is_some() && !room.filling {
-            room.filling = true;
-            self.spawn_gap_fill(room_id.clone(), Arc::clone(room_arc));
+        if from_bus {
+            room.activity += 1;
+        } else if room.order.gap().is_none() {
+            return;
+        }
+        if !room.repairing {
+            room.repairing = true;
+            self.spawn_repair(room_id.clone(), Arc::clone(room_arc));
         }
     }
 
-    /// Fetches a room's holes from the writer once they outlive the gap timeout, until none is
-    /// left or the room empties.
-    fn spawn_gap_fill(&self, room_id: RoomId, room_arc: Arc<Mutex<Room>>) {
+    /// Keeps a room's sequence whole after bus traffic: every gap timeout, a hole (a later seq
+    /// arrived, or early arrivals were dropped) is fetched from the writer's history; once the
+    /// room has been quiet for a whole interval, one last history read after the head catches a
+    /// lost *last* message, which no later arrival would reveal. Then the task ends; the next
+    /// arrival starts another. Cost: one history read per room per burst, more only for holes.
+    fn spawn_repair(&self, room_id: RoomId, room_arc: Arc<Mutex<Room>>) {
         let hub = self.clone();
         tokio::spawn(async move {
+            let mut seen_activity = u64::MAX;
             loop {
                 tokio::time::sleep(hub.inner.settings.gap_timeout).await;
-                let gap = {
+                // (after, limit, is it the final tail check)
+                let read = {
                     let mut room = room_arc.lock().expect("room lock poisoned");
-                    let gap = room.order.gap();
-                    if gap.is_none() || room.closed {
-                        room.filling = false;
+                    if room.closed {
+                        room.repairing = false;
                         return;
                     }
-                    gap
-                };
-                let Some((after, before)) = gap else { return };
-                let wanted = (before.0 - after.0 - 1).clamp(1, u64::from(MAX_HISTORY_LIMIT));
-                let limit = u32::try_from(wanted).unwrap_or(MAX_HISTORY_LIMIT);
-                match hub.inner.log.history(&room_id, after, limit).await {
-                    Ok(page) => {
-                        hub.inner.metrics.gap_fills.inc();
-                        tracing::debug!(room = %room_id, %after, %before, fetched = page.messages.len(), "gap filled from history");
-                        let mut room = room_arc.lock().expect("room lock poisoned");
-                        for event in &page.messages {
-                            let delivery = message_frame(event);
-                            if let Offer::Deliver(items) = room.order.offer(delivery.seq, delivery)
-                            {
-                                for item in &items {
-                                    fan_out(
-                                        &mut room,
-                                        item,
-                                        &hub.inner.settings,
-                                        &hub.inner.metrics,
-                                    );
-                                }
-                            }
+                    let quiet = room.activity == seen_activity;
+                    seen_activity = room.activity;
+                    match (room.order.gap(), room.order.head()) {
+                        (Some((after, before)), _) => {
+                            let wanted = before.0.saturating_sub(after.0 + 1);
+                            Some((after, wanted.clamp(1, u64::from(MAX_HISTORY_LIMIT)), false))
                         }
+                        (None, Some(head)) if quiet => {
+                            // Quiet for a whole interval with no hole: check the tail, then stop.
+                            room.repairing = false;
+                            Some((head, u64::from(MAX_HISTORY_LIMIT), true))
+                        }
+                        _ => None,
                     }
-                    Err(e) => {
-                        tracing::warn!(room = %room_id, error.message = %e, "gap fill failed: retrying");
-                    }
+                };
+                let Some((after, limit, last)) = read else {
+                    continue;
+                };
+                let limit = u32::try_from(limit).unwrap_or(MAX_HISTORY_LIMIT);
+                hub.fetch_and_offer(&room_id, &room_arc, after, limit, !last)
+                    .await;
+                if last {
+                    return;
                 }
             }
         });
+    }
+
+    /// Reads history after `after` and offers it to the room's order.
+    async fn fetch_and_offer(
+        &self,
+        room_id: &RoomId,
+        room_arc: &Arc<Mutex<Room>>,
+        after: Seq,
+        limit: u32,
+        for_gap: bool,
+    ) {
+        match self.inner.log.history(room_id, after, limit).await {
+            Ok(page) => {
+                if page.messages.is_empty() {
+                    return;
+                }
+                if for_gap {
+                    self.inner.metrics.gap_fills.inc();
+                } else {
+                    self.inner.metrics.tail_fills.inc();
+                }
+                tracing::debug!(room = %room_id, %after, fetched = page.messages.len(), for_gap, "repaired from history");
+                let mut room = room_arc.lock().expect("room lock poisoned");
+                for event in &page.messages {
+                    let delivery = message_frame(event);
+                    let offer = room.order.offer(delivery.seq, delivery);
+                    self.apply_offer(room_id, room_arc, &mut room, offer, false);
+                }
+                if !for_gap && !room.repairing && !room.closed {
+                    // The tail check found messages: there may be more; check again.
+                    room.repairing = true;
+                    self.spawn_repair(room_id.clone(), Arc::clone(room_arc));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(room = %room_id, error.message = %e, "history read for repair failed: retrying");
+                if !for_gap {
+                    // Retry the tail check on the next arrival or via a new task now.
+                    let mut room = room_arc.lock().expect("room lock poisoned");
+                    if !room.repairing && !room.closed {
+                        room.repairing = true;
+                        self.spawn_repair(room_id.clone(), Arc::clone(room_arc));
+                    }
+                }
+            }
+        }
     }
 
     /// Gets or creates the room and makes sure its head is known.
@@ -281,7 +335,8 @@ impl Hub {
                     Arc::new(Mutex::new(Room {
                         order: RoomOrder::new(self.inner.settings.max_held_per_room),
                         members: HashMap::new(),
-                        filling: false,
+                        repairing: false,
+                        activity: 0,
                         closed: false,
                     }))
                 }))
@@ -489,5 +544,235 @@ fn fan_out(room: &mut Room, item: &Delivery, settings: &HubSettings, metrics: &G
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
+    use chorus_protocol::{Body, ClientMsgId, UserId};
+
+    use super::*;
+
+    /// The writer's history, in memory.
+    #[derive(Default)]
+    struct FakeLog {
+        rooms: Mutex<HashMap<RoomId, Vec<MessageEvent>>>,
+        reads: AtomicU64,
+    }
+
+    impl FakeLog {
+        fn store(&self, room: &RoomId, upto: u64) -> Vec<MessageEvent> {
+            let mut rooms = self.rooms.lock().unwrap();
+            let log = rooms.entry(room.clone()).or_default();
+            while (log.len() as u64) < upto {
+                log.push(event(room, log.len() as u64 + 1));
+            }
+            log.clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MessageLog for FakeLog {
+        async fn append(&self, _: &RoomId, _: &SendRequest) -> Result<SendResponse, LogError> {
+            Err(LogError::Unavailable("not used".into()))
+        }
+        async fn history(
+            &self,
+            room: &RoomId,
+            after: Seq,
+            limit: u32,
+        ) -> Result<HistoryPage, LogError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let rooms = self.rooms.lock().unwrap();
+            let log = rooms.get(room).cloned().unwrap_or_default();
+            Ok(HistoryPage {
+                head: Seq(log.len() as u64),
+                messages: log
+                    .into_iter()
+                    .filter(|m| m.seq > after)
+                    .take(limit as usize)
+                    .collect(),
+            })
+        }
+    }
+
+    fn event(room: &RoomId, seq: u64) -> MessageEvent {
+        MessageEvent {
+            room: room.clone(),
+            seq: Seq(seq),
+            id: ClientMsgId::parse(format!("m{seq}")).unwrap(),
+            sender: UserId::parse("john").unwrap(),
+            body: Body::parse(format!("message {seq}")).unwrap(),
+            ts: "2026-11-29T10:00:00.000Z".into(),
+        }
+    }
+
+    fn hub(log: Arc<FakeLog>) -> Hub {
+        Hub::new(log, HubSettings::default(), Arc::default())
+    }
+
+    fn member(queue: usize) -> (MemberHandle, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(queue);
+        (
+            MemberHandle {
+                id: ConnId::next(),
+                tx,
+                kick: Kick::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Everything queued for the member so far, as frames.
+    fn drain(rx: &mut mpsc::Receiver<Frame>) -> Vec<ServerFrame> {
+        let mut out = Vec::new();
+        while let Ok(frame) = rx.try_recv() {
+            out.push(serde_json::from_str(frame.as_str()).unwrap());
+        }
+        out
+    }
+
+    fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Message(m) => Some(m.seq.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn lobby() -> RoomId {
+        RoomId::parse("lobby").unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duplicates_and_reordering_from_the_bus_reach_members_once_in_order() {
+        let log = Arc::new(FakeLog::default());
+        let hub = hub(Arc::clone(&log));
+        let (m, mut rx) = member(64);
+        assert_eq!(hub.join(&m, &lobby(), None).await.unwrap(), Seq(0));
+        let stored = log.store(&lobby(), 4);
+        for seq in [2, 1, 1, 4, 2, 3, 4] {
+            hub.ingest(&stored[seq - 1]);
+        }
+        let frames = drain(&mut rx);
+        assert!(matches!(frames[0], ServerFrame::Joined { seq: Seq(0), .. }));
+        assert_eq!(seqs(&frames), [1, 2, 3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hole_that_does_not_fill_is_fetched_from_history_after_the_gap_timeout() {
+        let log = Arc::new(FakeLog::default());
+        let hub = hub(Arc::clone(&log));
+        let (m, mut rx) = member(64);
+        hub.join(&m, &lobby(), None).await.unwrap();
+        let stored = log.store(&lobby(), 5);
+        hub.ingest(&stored[0]);
+        hub.ingest(&stored[3]); // 2 and 3 lost
+        hub.ingest(&stored[4]);
+        assert_eq!(seqs(&drain(&mut rx)), [1]);
+        tokio::time::sleep(HubSettings::default().gap_timeout * 2).await;
+        assert_eq!(seqs(&drain(&mut rx)), [2, 3, 4, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_last_message_is_found_once_the_room_goes_quiet() {
+        let log = Arc::new(FakeLog::default());
+        let hub = hub(Arc::clone(&log));
+        let (m, mut rx) = member(64);
+        hub.join(&m, &lobby(), None).await.unwrap();
+        let stored = log.store(&lobby(), 3);
+        hub.ingest(&stored[0]);
+        hub.ingest(&stored[1]); // 3 is lost and nothing follows it
+        tokio::time::sleep(HubSettings::default().gap_timeout * 10).await;
+        assert_eq!(seqs(&drain(&mut rx)), [1, 2, 3]);
+        // Then the room is left alone: no more reads while nothing arrives.
+        let reads = log.reads.load(Ordering::Relaxed);
+        tokio::time::sleep(HubSettings::default().gap_timeout * 10).await;
+        assert_eq!(log.reads.load(Ordering::Relaxed), reads);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_with_since_replays_then_switches_to_live_without_gap_or_duplicate() {
+        let log = Arc::new(FakeLog::default());
+        let hub = hub(Arc::clone(&log));
+        // Someone already follows the room live.
+        let (early, mut early_rx) = member(64);
+        hub.join(&early, &lobby(), None).await.unwrap();
+        let stored = log.store(&lobby(), 6);
+        for e in &stored[..5] {
+            hub.ingest(e);
+        }
+        let (late, mut late_rx) = member(64);
+        assert_eq!(
+            hub.join(&late, &lobby(), Some(Seq(2))).await.unwrap(),
+            Seq(6)
+        );
+        // 5 again (an SNS duplicate) and 6 (already in the replay) and 7 live.
+        let stored = log.store(&lobby(), 7);
+        hub.ingest(&stored[4]);
+        hub.ingest(&stored[5]);
+        hub.ingest(&stored[6]);
+        let frames = drain(&mut late_rx);
+        assert_eq!(seqs(&frames), [3, 4, 5, 6, 7]);
+        let joined_at = frames
+            .iter()
+            .position(|f| matches!(f, ServerFrame::Joined { .. }))
+            .unwrap();
+        assert_eq!(joined_at, 4, "joined comes after the replay: {frames:?}");
+        assert_eq!(seqs(&drain(&mut early_rx)), [1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_since_beyond_the_head_counts_as_the_head() {
+        let log = Arc::new(FakeLog::default());
+        log.store(&lobby(), 3);
+        let hub = hub(Arc::clone(&log));
+        let (m, mut rx) = member(64);
+        assert_eq!(hub.join(&m, &lobby(), Some(Seq(99))).await.unwrap(), Seq(3));
+        let stored = log.store(&lobby(), 4);
+        hub.ingest(&stored[3]);
+        assert_eq!(seqs(&drain(&mut rx)), [4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_whose_queue_overflows_is_kicked_and_gets_nothing_after_the_overflow() {
+        let log = Arc::new(FakeLog::default());
+        let hub = hub(Arc::clone(&log));
+        let (slow, mut slow_rx) = member(2);
+        let (fast, mut fast_rx) = member(64);
+        hub.join(&slow, &lobby(), None).await.unwrap(); // joined fills one slot
+        hub.join(&fast, &lobby(), None).await.unwrap();
+        let stored = log.store(&lobby(), 3);
+        hub.ingest(&stored[0]); // fills the second slot
+        hub.ingest(&stored[1]); // overflows: kicked
+        slow_rx.recv().await.unwrap(); // the client reads a little…
+        hub.ingest(&stored[2]); // …but must not get 3 after missing 2
+        assert_eq!(slow.kick.kicked().await, close::SLOW_CONSUMER);
+        assert_eq!(seqs(&drain(&mut slow_rx)), [1]);
+        assert_eq!(
+            seqs(&drain(&mut fast_rx)),
+            [1, 2, 3],
+            "others are not held back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_room_goes_away_with_its_last_member() {
+        let log = Arc::new(FakeLog::default());
+        let hub = hub(Arc::clone(&log));
+        let (a, _rx_a) = member(8);
+        let (b, _rx_b) = member(8);
+        hub.join(&a, &lobby(), None).await.unwrap();
+        hub.join(&b, &lobby(), None).await.unwrap();
+        hub.leave(a.id, &lobby());
+        assert_eq!(hub.room_count(), 1);
+        hub.leave(b.id, &lobby());
+        assert_eq!(hub.room_count(), 0);
     }
 }

@@ -21,6 +21,7 @@ pub struct GatewayMetrics {
     pub bus_events_held: Counter,
     pub bus_events_dropped: Counter,
     pub gap_fills: Counter,
+    pub tail_fills: Counter,
 }
 
 impl GatewayMetrics {
@@ -92,10 +93,11 @@ impl GatewayMetrics {
                 ],
             )
             .counter(
-                "chorus_gateway_gap_fills_total",
-                "History fetches that filled a hole in a room's sequence.",
-                "",
-                &[("", &self.gap_fills)],
+                "chorus_gateway_repairs_total",
+                "History reads that recovered messages the bus did not deliver, by kind: a hole \
+                 before a later seq, or a lost last message found when the room went quiet.",
+                "kind",
+                &[("gap", &self.gap_fills), ("tail", &self.tail_fills)],
             )
             .finish()
     }
