@@ -5,15 +5,39 @@ use std::time::Duration;
 
 use chorus_service::LogArgs;
 
-#[derive(Debug, Clone, clap::Parser)]
+/// `chorus-gateway [serve] …` or `chorus-gateway prune-subscriptions …`.
+#[derive(Debug, clap::Parser)]
 #[command(
     name = "chorus-gateway",
     version,
     about = "Chorus gateway: WebSocket clients ↔ rooms, fed by SNS"
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Copy, clap::Subcommand)]
+pub enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Janitor: remove the topic's subscriptions whose gateway no longer answers (crashed
+    /// without draining), then exit. Run it from a timer or a lifecycle hook.
+    PruneSubscriptions,
+}
+
+/// Everything the gateway is configured with.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Address to listen on (WebSocket `/ws`, SNS `/sns`, `/healthz`, `/readyz`, `/metrics`).
-    #[arg(long, env = "CHORUS_GATEWAY_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
     pub listen: SocketAddr,
     /// Base URL of the writer API.
     #[arg(
@@ -27,35 +51,60 @@ pub struct Config {
     pub topic_arn: String,
     /// URL at which SNS reaches this gateway (the subscription endpoint is `<public-url>/sns`).
     /// Defaults to `http://<listen>`.
-    #[arg(long, env = "CHORUS_PUBLIC_URL")]
+    #[arg(long, global = true, env = "CHORUS_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Name shown in logs and metrics; defaults to the listen address.
-    #[arg(long, env = "CHORUS_GATEWAY_ID")]
+    #[arg(long, global = true, env = "CHORUS_GATEWAY_ID")]
     pub gateway_id: Option<String>,
     /// Accept SNS posts without checking their signature. Verification is not implemented yet,
     /// so this is required; use it only against a local emulator or on a private network.
-    #[arg(long, env = "CHORUS_INSECURE_SKIP_SNS_VERIFICATION")]
+    #[arg(long, global = true, env = "CHORUS_INSECURE_SKIP_SNS_VERIFICATION")]
     pub insecure_skip_sns_verification: bool,
     /// Development only: a client names itself with `?user=NAME`, unauthenticated.
-    #[arg(long, env = "CHORUS_INSECURE_DEV_USERS")]
+    #[arg(long, global = true, env = "CHORUS_INSECURE_DEV_USERS")]
     pub insecure_dev_users: bool,
     /// On SIGTERM: how long to wait for clients to be closed and the subscription removed.
-    #[arg(long, env = "CHORUS_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_DRAIN_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub drain_timeout_ms: u64,
     /// How long a hole in a room's sequence may stay open before it is fetched from the writer.
-    #[arg(long, env = "CHORUS_GAP_TIMEOUT_MS", default_value_t = 500)]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_GAP_TIMEOUT_MS",
+        default_value_t = 500
+    )]
     pub gap_timeout_ms: u64,
     /// How long to wait for SNS to confirm the subscription at start.
-    #[arg(long, env = "CHORUS_SUBSCRIBE_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SUBSCRIBE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
     pub subscribe_timeout_ms: u64,
     /// Timeout of one call to the writer (sends are retried up to 3 times with the same id).
-    #[arg(long, env = "CHORUS_WRITER_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_WRITER_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
     pub writer_timeout_ms: u64,
     /// Frames queued per connection before it counts as too slow and is closed (code 4001).
-    #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 512)]
+    #[arg(long, global = true, env = "CHORUS_SEND_QUEUE", default_value_t = 512)]
     pub send_queue: usize,
     /// Rooms one connection may be in at once.
-    #[arg(long, env = "CHORUS_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_MAX_ROOMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
     pub max_rooms_per_connection: usize,
     #[command(flatten)]
     pub log: LogArgs,
@@ -78,7 +127,7 @@ impl Config {
     /// A configuration with every default, for tests and embedding.
     pub fn new(topic_arn: impl Into<String>, writer_url: impl Into<String>) -> Self {
         use clap::Parser as _;
-        let mut config = Config::parse_from(["chorus-gateway", "--topic-arn", "unset"]);
+        let mut config = Cli::parse_from(["chorus-gateway", "--topic-arn", "unset"]).config;
         config.topic_arn = topic_arn.into();
         config.writer_url = writer_url.into();
         config
@@ -124,5 +173,53 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn verification_must_be_switched_off_explicitly_for_now() {
+        let cli = Cli::try_parse_from(["chorus-gateway", "--topic-arn", "arn:t"]).unwrap();
+        assert!(matches!(
+            cli.config.validate(),
+            Err(ConfigError::VerificationRequired)
+        ));
+        let cli = Cli::try_parse_from([
+            "chorus-gateway",
+            "--topic-arn",
+            "arn:t",
+            "--insecure-skip-sns-verification",
+        ])
+        .unwrap();
+        cli.config.validate().unwrap();
+        assert_eq!(
+            cli.config.sns_endpoint("127.0.0.1:9000".parse().unwrap()),
+            "http://127.0.0.1:9000/sns"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_refused_with_the_flag_named() {
+        let cli = Cli::try_parse_from([
+            "chorus-gateway",
+            "--topic-arn",
+            "arn:t",
+            "--insecure-skip-sns-verification",
+            "--public-url",
+            "ftp://x",
+        ])
+        .unwrap();
+        let err = cli.config.validate().unwrap_err().to_string();
+        assert!(err.contains("--public-url"), "{err}");
     }
 }

@@ -236,9 +236,10 @@ impl Hub {
 
     /// Keeps a room's sequence whole after bus traffic: every gap timeout, a hole (a later seq
     /// arrived, or early arrivals were dropped) is fetched from the writer's history; once the
-    /// room has been quiet for a whole interval, one last history read after the head catches a
-    /// lost *last* message, which no later arrival would reveal. Then the task ends; the next
-    /// arrival starts another. Cost: one history read per room per burst, more only for holes.
+    /// room has been quiet for a whole interval, one read of the room's head catches a lost *last*
+    /// message, which no later arrival would reveal. Then the task ends; the next arrival starts
+    /// another. Cost: one head read (a single-key read) per room per burst, and a history page
+    /// per hole.
     fn spawn_repair(&self, room_id: RoomId, room_arc: Arc<Mutex<Room>>) {
         let hub = self.clone();
         tokio::spawn(async move {
@@ -262,7 +263,7 @@ impl Hub {
                         (None, Some(head)) if quiet => {
                             // Quiet for a whole interval with no hole: check the tail, then stop.
                             room.repairing = false;
-                            Some((head, u64::from(MAX_HISTORY_LIMIT), true))
+                            Some((head, 0, true))
                         }
                         _ => None,
                     }
@@ -270,58 +271,60 @@ impl Hub {
                 let Some((after, limit, last)) = read else {
                     continue;
                 };
-                let limit = u32::try_from(limit).unwrap_or(MAX_HISTORY_LIMIT);
-                hub.fetch_and_offer(&room_id, &room_arc, after, limit, !last)
-                    .await;
                 if last {
+                    hub.check_tail(&room_id, &room_arc).await;
                     return;
                 }
+                let limit = u32::try_from(limit).unwrap_or(MAX_HISTORY_LIMIT);
+                hub.fetch_and_offer(&room_id, &room_arc, after, limit).await;
             }
         });
     }
 
-    /// Reads history after `after` and offers it to the room's order.
+    /// Asks the writer for the room's head only (a single key read, no query): if it is beyond
+    /// what the room delivered, the missing tail becomes a gap and a repair task fetches it.
+    async fn check_tail(&self, room_id: &RoomId, room_arc: &Arc<Mutex<Room>>) {
+        let result = self.inner.log.history(room_id, Seq(0), 0).await;
+        let mut room = room_arc.lock().expect("room lock poisoned");
+        match result {
+            Ok(page) => {
+                room.order.note_exists(page.head);
+                if room.order.gap().is_none() {
+                    return;
+                }
+                self.inner.metrics.tail_fills.inc();
+            }
+            Err(e) => {
+                tracing::warn!(room = %room_id, error.message = %e, "reading the room head failed: retrying");
+            }
+        }
+        if !room.repairing && !room.closed {
+            room.repairing = true;
+            self.spawn_repair(room_id.clone(), Arc::clone(room_arc));
+        }
+    }
+
+    /// Reads history after `after` to fill a hole and offers it to the room's order.
     async fn fetch_and_offer(
         &self,
         room_id: &RoomId,
         room_arc: &Arc<Mutex<Room>>,
         after: Seq,
         limit: u32,
-        for_gap: bool,
     ) {
         match self.inner.log.history(room_id, after, limit).await {
             Ok(page) => {
-                if page.messages.is_empty() {
-                    return;
-                }
-                if for_gap {
-                    self.inner.metrics.gap_fills.inc();
-                } else {
-                    self.inner.metrics.tail_fills.inc();
-                }
-                tracing::debug!(room = %room_id, %after, fetched = page.messages.len(), for_gap, "repaired from history");
+                self.inner.metrics.gap_fills.inc();
+                tracing::debug!(room = %room_id, %after, fetched = page.messages.len(), "gap repaired from history");
                 let mut room = room_arc.lock().expect("room lock poisoned");
                 for event in &page.messages {
                     let delivery = message_frame(event);
                     let offer = room.order.offer(delivery.seq, delivery);
                     self.apply_offer(room_id, room_arc, &mut room, offer, false);
                 }
-                if !for_gap && !room.repairing && !room.closed {
-                    // The tail check found messages: there may be more; check again.
-                    room.repairing = true;
-                    self.spawn_repair(room_id.clone(), Arc::clone(room_arc));
-                }
             }
             Err(e) => {
-                tracing::warn!(room = %room_id, error.message = %e, "history read for repair failed: retrying");
-                if !for_gap {
-                    // Retry the tail check on the next arrival or via a new task now.
-                    let mut room = room_arc.lock().expect("room lock poisoned");
-                    if !room.repairing && !room.closed {
-                        room.repairing = true;
-                        self.spawn_repair(room_id.clone(), Arc::clone(room_arc));
-                    }
-                }
+                tracing::warn!(room = %room_id, error.message = %e, "history read for a gap failed: retrying");
             }
         }
     }

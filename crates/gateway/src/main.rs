@@ -2,17 +2,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chorus_gateway::bus::SnsSubscriptions;
+use chorus_gateway::Deps;
+use chorus_gateway::bus::{SnsSubscriptions, prune_dead_subscriptions};
+use chorus_gateway::config::{Cli, Command};
 use chorus_gateway::log::WriterClient;
-use chorus_gateway::{Config, Deps};
 use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = cli.config;
     chorus_service::init_tracing(&config.log)?;
-    config.validate()?;
     let aws = chorus_service::load_aws_config().await;
+    let sns = aws_sdk_sns::Client::new(&aws);
+
+    if let Some(Command::PruneSubscriptions) = cli.command {
+        let removed = prune_dead_subscriptions(&sns, &config.topic_arn).await?;
+        tracing::info!(removed = removed.len(), "janitor done");
+        return Ok(());
+    }
+
+    config.validate()?;
     let deps = Deps {
         log: Arc::new(
             WriterClient::new(
@@ -21,10 +31,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .context("building the writer client")?,
         ),
-        subscriptions: Arc::new(SnsSubscriptions::new(
-            aws_sdk_sns::Client::new(&aws),
-            &config.topic_arn,
-        )),
+        subscriptions: Arc::new(SnsSubscriptions::new(sns, &config.topic_arn)),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -99,6 +99,12 @@ impl<T> RoomOrder<T> {
         }
     }
 
+    /// Records that `seq` exists (the writer says so) even though it has not arrived: if it is
+    /// above the head, [`Self::gap`] reports the hole up to it.
+    pub fn note_exists(&mut self, seq: Seq) {
+        self.highest_seen = self.highest_seen.max(seq);
+    }
+
     /// Number of items held.
     pub fn held(&self) -> usize {
         self.held.len()
@@ -173,6 +179,18 @@ mod tests {
         // A later start_at changes nothing.
         assert!(order.start_at(Seq(100)).is_empty());
         assert_eq!(order.head(), Some(Seq(6)));
+    }
+
+    #[test]
+    fn a_seq_known_to_exist_opens_a_gap_up_to_it() {
+        let mut order = started(3);
+        order.note_exists(Seq(2));
+        assert_eq!(order.gap(), None);
+        order.note_exists(Seq(5));
+        assert_eq!(order.gap(), Some((Seq(3), Seq(6))));
+        assert_eq!(order.offer(Seq(4), 4), Offer::Deliver(vec![4]));
+        assert_eq!(order.offer(Seq(5), 5), Offer::Deliver(vec![5]));
+        assert_eq!(order.gap(), None);
     }
 
     #[test]

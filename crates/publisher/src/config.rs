@@ -44,3 +44,13 @@ pub struct PollArgs {
     #[arg(long, env = "CHORUS_POLL_IDLE_MS", default_value_t = 100)]
     pub idle_ms: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

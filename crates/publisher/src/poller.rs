@@ -2,10 +2,11 @@
 //! stream itself, for the local stack (the emulator cannot run Lambda functions) and for installs
 //! without Lambda.
 //!
-//! Each shard is read from its start (TRIM_HORIZON), then after the last record handled. A fresh
-//! iterator is taken for every read (AFTER_SEQUENCE_NUMBER): iterators are short-lived, and some
-//! emulators invalidate outstanding ones. On a failed publish the poller resumes at the failed
-//! record after a pause, exactly as Lambda would retry the batch from the reported failure.
+//! Each shard is read from its start (TRIM_HORIZON), then on with each read's next iterator. When
+//! an iterator fails (expired, or invalidated as some emulators do) or a publish fails, a fresh
+//! one is taken after the last record handled (AFTER_SEQUENCE_NUMBER): after a failed publish the
+//! poller resumes at the failed record after a pause, exactly as Lambda retries a batch from the
+//! reported failure. An idle shard is polled every `idle_interval`; a busy one back to back.
 //! Positions live in memory: a restarted poller starts from the shard's start again, which
 //! gateways absorb (they drop duplicates), at the cost of republishing up to 24 h of messages.
 
@@ -43,8 +44,7 @@ pub async fn run(
     publisher: &dyn Publish,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // shard id → last sequence number handled (None: nothing yet, read from TRIM_HORIZON).
-    let mut shards: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut shards: BTreeMap<String, ShardPosition> = BTreeMap::new();
     refresh_shards(client, &config.stream_arn, &mut shards).await?;
     tracing::info!(stream = %config.stream_arn, shards = shards.len(), "polling stream");
     let mut last_refresh = tokio::time::Instant::now();
@@ -78,10 +78,19 @@ pub async fn run(
     Ok(())
 }
 
+/// Where the poller is in one shard.
+#[derive(Debug, Default)]
+struct ShardPosition {
+    /// Last sequence number handled (None: nothing yet, start from TRIM_HORIZON).
+    handled: Option<String>,
+    /// The iterator to read next with, if the last read left a usable one.
+    iterator: Option<String>,
+}
+
 async fn refresh_shards(
     client: &Client,
     stream_arn: &str,
-    shards: &mut BTreeMap<String, Option<String>>,
+    shards: &mut BTreeMap<String, ShardPosition>,
 ) -> anyhow::Result<()> {
     let out = client
         .describe_stream()
@@ -94,7 +103,7 @@ async fn refresh_shards(
         .ok_or_else(|| anyhow::anyhow!("stream {stream_arn} has no description"))?;
     for shard in description.shards.unwrap_or_default() {
         if let Some(id) = shard.shard_id {
-            shards.entry(id).or_insert(None);
+            shards.entry(id).or_default();
         }
     }
     Ok(())
@@ -105,35 +114,40 @@ async fn poll_shard(
     client: &Client,
     config: &PollerConfig,
     shard_id: &str,
-    position: &mut Option<String>,
+    position: &mut ShardPosition,
     publisher: &dyn Publish,
 ) -> anyhow::Result<usize> {
-    let request = client
-        .get_shard_iterator()
-        .stream_arn(&config.stream_arn)
-        .shard_id(shard_id);
-    let request = match position {
-        Some(seq) => request
-            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-            .sequence_number(seq.as_str()),
-        None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+    let iterator = match position.iterator.take() {
+        Some(iterator) => iterator,
+        None => {
+            let request = client
+                .get_shard_iterator()
+                .stream_arn(&config.stream_arn)
+                .shard_id(shard_id);
+            let request = match &position.handled {
+                Some(seq) => request
+                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                    .sequence_number(seq.as_str()),
+                None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            };
+            request
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("GetShardIterator: {}", DisplayErrorContext(&e)))?
+                .shard_iterator
+                .ok_or_else(|| anyhow::anyhow!("shard {shard_id} is closed and fully read"))?
+        }
     };
-    let iterator = request
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("GetShardIterator: {}", DisplayErrorContext(&e)))?
-        .shard_iterator
-        .ok_or_else(|| anyhow::anyhow!("shard {shard_id} is closed and fully read"))?;
-    let records = client
+    let output = client
         .get_records()
         .shard_iterator(iterator)
         .limit(config.batch_size)
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("GetRecords: {}", DisplayErrorContext(&e)))?
-        .records
-        .unwrap_or_default();
+        .map_err(|e| anyhow::anyhow!("GetRecords: {}", DisplayErrorContext(&e)))?;
+    let records = output.records.unwrap_or_default();
     if records.is_empty() {
+        position.iterator = output.next_shard_iterator;
         return Ok(0);
     }
 
@@ -157,9 +171,11 @@ async fn poll_shard(
         });
     let done = failed_at.unwrap_or(event.records.len());
     if done > 0 {
-        *position = event.records[done - 1].change.sequence_number.clone();
+        position.handled = event.records[done - 1].change.sequence_number.clone();
     }
-    if failed_at.is_some() {
+    if failed_at.is_none() {
+        position.iterator = output.next_shard_iterator;
+    } else {
         anyhow::bail!("publish failed at record {done} of {}", event.records.len());
     }
     Ok(records.len())

@@ -5,20 +5,27 @@
 //! Readiness comes from the services themselves: each logs `… listening` with its address (read
 //! from its JSON log on stderr), and a gateway is used only once `/readyz` answers 200.
 
+pub mod faults;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-/// Where the workspace's binaries are: next to this test executable's `deps/` folder.
+/// Where the workspace's binaries are: beside this executable, or beside the `deps/` folder a
+/// test executable lives in.
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/debug");
-    dir.to_path_buf()
+    let dir = exe.parent().expect("exe has a folder");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("target/debug").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 fn binary(name: &str) -> PathBuf {
@@ -208,11 +215,13 @@ impl Drop for Service {
     }
 }
 
-/// A table + topic of its own, a writer, a publisher poller, and gateways.
+/// A table + topic of its own, writers, a publisher poller, and gateways.
 pub struct Stack {
     pub table: String,
     pub topic_arn: String,
     pub writer: Service,
+    /// Writers beyond the first; gateways are spread over all writers.
+    pub more_writers: Vec<Service>,
     pub publisher: Service,
     pub gateways: Vec<Service>,
 }
@@ -229,6 +238,14 @@ impl Stack {
     /// # Errors
     /// When any part does not start.
     pub async fn start(gateways: usize) -> anyhow::Result<Stack> {
+        Self::start_with(1, gateways).await
+    }
+
+    /// Starts a stack with `writers` writers (≥ 1) and `gateways` gateways.
+    ///
+    /// # Errors
+    /// When any part does not start.
+    pub async fn start_with(writers: usize, gateways: usize) -> anyhow::Result<Stack> {
         let aws = aws().await;
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let table = format!("e2e-{}", &suffix[..12]);
@@ -242,24 +259,21 @@ impl Stack {
             &["--listen", "127.0.0.1:0", "--table", &table],
             &[],
         )?;
-        let publisher = Service::start_unlistening(
-            "publisher",
-            "chorus-publisher",
-            &[
-                "poll",
-                "--table",
-                &table,
-                "--topic-arn",
-                &topic_arn,
-                "--idle-ms",
-                "20",
-            ],
-            &[],
-        )?;
+        let mut more_writers = Vec::new();
+        for i in 1..writers {
+            more_writers.push(Service::start(
+                &format!("writer-{i}"),
+                "chorus-writer",
+                &["--listen", "127.0.0.1:0", "--table", &table],
+                &[],
+            )?);
+        }
+        let publisher = start_publisher(&table, &topic_arn)?;
         let mut stack = Stack {
             table,
             topic_arn,
             writer,
+            more_writers,
             publisher,
             gateways: Vec::new(),
         };
@@ -275,7 +289,12 @@ impl Stack {
     /// When it does not become ready within 30 s.
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
         let name = format!("gateway-{}", self.gateways.len());
-        let writer_url = self.writer.http();
+        let writer_index = self.gateways.len() % (1 + self.more_writers.len());
+        let writer_url = if writer_index == 0 {
+            self.writer.http()
+        } else {
+            self.more_writers[writer_index - 1].http()
+        };
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",
@@ -298,6 +317,35 @@ impl Stack {
         self.gateways.push(gateway);
         Ok(self.gateways.len() - 1)
     }
+}
+
+impl Stack {
+    /// Stops the publisher (SIGTERM) and starts a fresh one, which reads the stream from its start.
+    ///
+    /// # Errors
+    /// When the old one does not stop or the new one does not start.
+    pub fn restart_publisher(&mut self) -> anyhow::Result<()> {
+        self.publisher.terminate(Duration::from_secs(10))?;
+        self.publisher = start_publisher(&self.table, &self.topic_arn)?;
+        Ok(())
+    }
+}
+
+fn start_publisher(table: &str, topic_arn: &str) -> anyhow::Result<Service> {
+    Service::start_unlistening(
+        "publisher",
+        "chorus-publisher",
+        &[
+            "poll",
+            "--table",
+            table,
+            "--topic-arn",
+            topic_arn,
+            "--idle-ms",
+            "50",
+        ],
+        &[],
+    )
 }
 
 /// Polls `url` until it answers 200, at most 30 s.

@@ -310,3 +310,84 @@ async fn connecting_without_a_user_in_dev_mode_is_refused_with_a_reason() {
     let err = Client::connect(&url).await.err().expect("refused");
     assert!(err.to_string().contains("400"), "{err}");
 }
+
+#[tokio::test]
+async fn a_send_retried_with_the_same_id_is_stored_and_delivered_once() {
+    let stack = Stack::start(2).await.unwrap();
+    let lobby = room("lobby");
+    let mut john = Client::connect(&stack.gateways[0].ws("john"))
+        .await
+        .unwrap();
+    let mut lucy = Client::connect(&stack.gateways[1].ws("lucy"))
+        .await
+        .unwrap();
+    joined(&mut john, &lobby, None).await;
+    joined(&mut lucy, &lobby, None).await;
+
+    let send = r#"{"type":"send","room":"lobby","id":"retry-1","body":"once"}"#;
+    john.send_raw(send).await.unwrap();
+    let first = acked(&mut john, "retry-1").await;
+    // The retry comes on another connection, as after a reconnect.
+    let mut john_again = Client::connect(&stack.gateways[1].ws("john"))
+        .await
+        .unwrap();
+    joined(&mut john_again, &lobby, Some(first)).await;
+    john_again.send_raw(send).await.unwrap();
+    assert_eq!(acked(&mut john_again, "retry-1").await, first);
+    let id = john.send(&lobby, "next").await.unwrap();
+    let next = acked(&mut john, &id).await;
+    assert_eq!(next.0, first.0 + 1, "the retry took no seq");
+
+    let (_, before) = lucy
+        .wait_for(
+            WAIT,
+            "the next message",
+            |f| matches!(f, ServerFrame::Message(m) if m.seq == next),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        message_seqs(&before),
+        [first.0],
+        "the retried message arrives once"
+    );
+}
+
+#[tokio::test]
+async fn two_writers_racing_on_one_room_give_dense_seqs() {
+    let stack = Stack::start_with(2, 0).await.unwrap();
+    let http = reqwest::Client::new();
+    let writers = [stack.writer.http(), stack.more_writers[0].http()];
+    let mut sends = Vec::new();
+    for i in 0..40 {
+        let url = format!("{}/v1/rooms/race/messages", writers[i % 2]);
+        let body = serde_json::json!({"id": format!("r{i}"), "sender": "racer", "body": "go"});
+        let http = http.clone();
+        sends.push(tokio::spawn(async move {
+            let res = http.post(url).json(&body).send().await.unwrap();
+            assert_eq!(res.status(), 201);
+            res.json::<chorus_protocol::api::SendResponse>()
+                .await
+                .unwrap()
+                .seq
+                .0
+        }));
+    }
+    let mut seqs = Vec::new();
+    for send in sends {
+        seqs.push(send.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+    let page: chorus_protocol::api::HistoryPage = http
+        .get(format!("{}/v1/rooms/race/messages?limit=500", writers[1]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page.head, Seq(40));
+    let stored: Vec<u64> = page.messages.iter().map(|m| m.seq.0).collect();
+    assert_eq!(stored, (1..=40).collect::<Vec<u64>>());
+}
