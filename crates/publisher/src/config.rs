@@ -15,6 +15,10 @@ pub struct Cli {
     /// SNS topic every gateway subscribes to.
     #[arg(long, global = true, env = "CHORUS_TOPIC_ARN")]
     pub topic_arn: Option<String>,
+    /// SQS queue URL for records that can never be published (poison). Without it they are
+    /// logged and skipped.
+    #[arg(long, global = true, env = "CHORUS_DEAD_LETTER_QUEUE_URL")]
+    pub dead_letter_queue_url: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }

@@ -5,13 +5,18 @@
 //! production) and [`poller`] (locally and on non-Lambda installs) both call it.
 //!
 //! Per batch: records are taken in stream order; only inserts of message items are forwarded
-//! (bookkeeping items, MODIFY and REMOVE are skipped); forwarded events are packed into as few SNS
-//! messages as fit ([`pack`]), keeping stream order, so per-room seq order holds within and across
-//! messages; packs are published one after another. On the first failed publish the handler stops
-//! and reports the first record of that pack in `batchItemFailures`: DynamoDB streams checkpoint at
-//! the lowest reported failure, so everything before it is done and everything from it is retried.
+//! (bookkeeping items, MODIFY and REMOVE are skipped and counted); forwarded events are packed
+//! into as few SNS messages as fit ([`pack`]), keeping stream order, so per-room seq order holds
+//! within and across messages; the messages go out in PublishBatch calls of up to 10 entries and
+//! 256 KiB, one call after another. On the first failed entry the handler stops and reports the
+//! first record of that entry's pack in `batchItemFailures`: DynamoDB streams checkpoint at the
+//! lowest reported failure, so everything before it is done and everything from it is retried.
+//! (Entries after a failed one in the same call may have been published: gateways drop the
+//! duplicates.) A record that can never be published (poison) goes to the dead-letter queue with
+//! its reason, or is logged and skipped when none is configured: it never blocks the shard.
 
 pub mod config;
+pub mod dead_letter;
 pub mod pack;
 pub mod poller;
 pub mod sns;
@@ -21,91 +26,177 @@ use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse
 use chorus_protocol::message::is_bookkeeping_key;
 use chorus_protocol::{MessageEvent, StoredMessage};
 
-use crate::pack::pack_events;
+pub use crate::dead_letter::{DeadLetter, SqsDeadLetter};
+use crate::pack::{MAX_SNS_MESSAGE_BYTES, Pack, pack_events};
 
-/// The one external effect of the publisher: send one SNS message body to the topic.
+/// Most entries in one SNS PublishBatch call.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+/// Most bytes of all entries of one PublishBatch call together.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// The one external effect on the happy path: send SNS message bodies to the topic.
 #[async_trait::async_trait]
 pub trait Publish: Send + Sync {
-    /// Publishes `message` (a serialized [`chorus_protocol::BusPayload`]).
+    /// Publishes `messages` (serialized [`BusPayload`]s, at most [`MAX_BATCH_ENTRIES`] and
+    /// [`MAX_BATCH_BYTES`] together) in one call.
     ///
     /// # Errors
-    /// [`PublishError`] when the message may not have been published.
-    async fn publish(&self, message: String) -> Result<(), PublishError>;
+    /// [`PublishError`] with the index of the first message that may not have been published.
+    async fn publish(&self, messages: &[String]) -> Result<(), PublishError>;
 }
 
-/// A publish that failed; the records behind it will be retried.
+/// A publish that failed from message `first_failed` of the call on; those records are retried.
 #[derive(Debug, thiserror::Error)]
-#[error("publishing to SNS failed: {0}")]
-pub struct PublishError(pub String);
+#[error("publishing to SNS failed at entry {first_failed}: {reason}")]
+pub struct PublishError {
+    pub first_failed: usize,
+    pub reason: String,
+}
 
 /// What one batch did, for logs and metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
+    /// Records in the batch.
+    pub records: usize,
     /// Message inserts forwarded (published) in this batch.
     pub forwarded: usize,
     /// Records that are not message inserts (bookkeeping, MODIFY, REMOVE).
     pub skipped: usize,
-    /// Records that can never be published (undecodable image); logged and skipped.
+    /// Records that can never be published (undecodable image, over-size).
     pub poison: usize,
-    /// SNS messages published.
-    pub publishes: usize,
-    /// Whether a publish failed (the response names where to resume).
+    /// Of those, how many went to the dead-letter queue (the rest were logged and dropped).
+    pub dead_lettered: usize,
+    /// SNS messages published, and the calls that carried them.
+    pub sns_messages: usize,
+    pub sns_calls: usize,
+    /// Bytes of message bodies published.
+    pub sns_bytes: usize,
+    /// Whether the batch stopped at a failure (the response names where to resume).
     pub failed: bool,
 }
 
 /// Processes one stream batch. Never fails as a whole: a failure is reported per record in the
 /// response, as DynamoDB streams' `ReportBatchItemFailures` expects.
-pub async fn handle(event: &Event, publisher: &dyn Publish) -> DynamoDbEventResponse {
-    handle_with_outcome(event, publisher).await.0
+pub async fn handle(
+    event: &Event,
+    publisher: &dyn Publish,
+    dead_letters: Option<&dyn DeadLetter>,
+) -> DynamoDbEventResponse {
+    handle_with_outcome(event, publisher, dead_letters).await.0
 }
 
 /// [`handle`], also returning what the batch did.
 pub async fn handle_with_outcome(
     event: &Event,
     publisher: &dyn Publish,
+    dead_letters: Option<&dyn DeadLetter>,
 ) -> (DynamoDbEventResponse, BatchOutcome) {
-    let mut outcome = BatchOutcome::default();
-    // (index of the record in the batch, its event), in stream order.
+    let mut outcome = BatchOutcome {
+        records: event.records.len(),
+        ..BatchOutcome::default()
+    };
+    // (index of the record in the batch, its event), in stream order; and the poison records.
     let mut forward: Vec<(usize, MessageEvent)> = Vec::new();
+    let mut poison: Vec<(usize, String)> = Vec::new();
     for (index, record) in event.records.iter().enumerate() {
         match classify(record) {
             Classified::Message(message) => forward.push((index, *message)),
             Classified::Skip => outcome.skipped += 1,
-            Classified::Poison(reason) => {
-                outcome.poison += 1;
-                tracing::error!(
-                    event_id = %record.event_id,
-                    sequence_number = record.change.sequence_number.as_deref().unwrap_or("-"),
-                    reason = %reason,
-                    "stream record can never be published: skipped"
-                );
-            }
+            Classified::Poison(reason) => poison.push((index, reason)),
         }
     }
+    outcome.poison = poison.len();
 
-    let mut response = DynamoDbEventResponse::default();
-    for pack in pack_events(&forward) {
-        match publisher.publish(pack.payload).await {
+    // Publish in order; `resume_at` is the first record not done.
+    let mut resume_at: Option<usize> = None;
+    let packs = pack_events(&forward);
+    let mut rest: &[Pack] = &packs;
+    while !rest.is_empty() {
+        let take = calls_worth(rest);
+        let (call, after) = rest.split_at(take);
+        let bodies: Vec<String> = call.iter().map(|p| p.payload.clone()).collect();
+        outcome.sns_calls += 1;
+        match publisher.publish(&bodies).await {
             Ok(()) => {
-                outcome.publishes += 1;
-                outcome.forwarded += pack.len;
+                outcome.sns_messages += call.len();
+                outcome.sns_bytes += bodies.iter().map(String::len).sum::<usize>();
+                outcome.forwarded += call.iter().map(|p| p.len).sum::<usize>();
+                rest = after;
             }
             Err(err) => {
-                let record = &event.records[pack.first_index];
-                tracing::warn!(
-                    error.message = %err,
-                    sequence_number = record.change.sequence_number.as_deref().unwrap_or("-"),
-                    "publish failed: reporting the batch from this record for retry"
-                );
-                let mut failure = DynamoDbBatchItemFailure::default();
-                failure.item_identifier = record.change.sequence_number.clone();
-                response.batch_item_failures.push(failure);
-                outcome.failed = true;
+                let failed = &call[err.first_failed.min(call.len() - 1)];
+                tracing::warn!(error.message = %err, "publish failed: the batch resumes at the first record of the failed message");
+                outcome.sns_messages += err.first_failed;
+                outcome.forwarded += call[..err.first_failed.min(call.len())]
+                    .iter()
+                    .map(|p| p.len)
+                    .sum::<usize>();
+                resume_at = Some(failed.first_index);
                 break;
             }
         }
     }
+
+    // Poison records before the resume point are done with now: dead-letter or drop them.
+    for (index, reason) in &poison {
+        if resume_at.is_some_and(|r| *index >= r) {
+            break;
+        }
+        let record = &event.records[*index];
+        match dead_letters {
+            Some(queue) => match queue.send(record, reason).await {
+                Ok(()) => {
+                    outcome.dead_lettered += 1;
+                    tracing::error!(event_id = %record.event_id, %reason, "poison record sent to the dead-letter queue");
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "dead-letter queue unavailable: the batch resumes at the poison record");
+                    resume_at = Some(resume_at.map_or(*index, |r| r.min(*index)));
+                    break;
+                }
+            },
+            None => tracing::error!(
+                event_id = %record.event_id,
+                sequence_number = record.change.sequence_number.as_deref().unwrap_or("-"),
+                %reason,
+                "poison record skipped (no dead-letter queue configured)"
+            ),
+        }
+    }
+
+    let mut response = DynamoDbEventResponse::default();
+    if let Some(index) = resume_at {
+        let mut failure = DynamoDbBatchItemFailure::default();
+        failure.item_identifier = event.records[index].change.sequence_number.clone();
+        response.batch_item_failures.push(failure);
+        outcome.failed = true;
+    }
+    tracing::info!(
+        records = outcome.records,
+        forwarded = outcome.forwarded,
+        skipped = outcome.skipped,
+        poison = outcome.poison,
+        dead_lettered = outcome.dead_lettered,
+        sns_messages = outcome.sns_messages,
+        sns_calls = outcome.sns_calls,
+        failed = outcome.failed,
+        "batch handled"
+    );
     (response, outcome)
+}
+
+/// How many of `packs` (from the front) fit one PublishBatch call.
+fn calls_worth(packs: &[Pack]) -> usize {
+    let mut bytes = 0;
+    let mut count = 0;
+    for pack in packs.iter().take(MAX_BATCH_ENTRIES) {
+        if count > 0 && bytes + pack.payload.len() > MAX_BATCH_BYTES {
+            break;
+        }
+        bytes += pack.payload.len();
+        count += 1;
+    }
+    count.max(1)
 }
 
 enum Classified {
@@ -125,8 +216,45 @@ fn classify(record: &EventRecord) -> Classified {
     if is_bookkeeping_key(room_key) {
         return Classified::Skip;
     }
-    match serde_dynamo::from_item::<_, StoredMessage>(record.change.new_image.clone()) {
-        Ok(stored) => Classified::Message(Box::new(stored.into())),
-        Err(e) => Classified::Poison(format!("new image is not a message: {e}")),
+    let event: MessageEvent =
+        match serde_dynamo::from_item::<_, StoredMessage>(record.change.new_image.clone()) {
+            Ok(stored) => stored.into(),
+            Err(e) => return Classified::Poison(format!("new image is not a message: {e}")),
+        };
+    // Bodies are capped far below this, but an item written around the writer could exceed it.
+    let alone = pack::payload_bytes(std::slice::from_ref(&event));
+    if alone > MAX_SNS_MESSAGE_BYTES {
+        return Classified::Poison(format!(
+            "message is {alone} bytes serialized, over the SNS limit of {MAX_SNS_MESSAGE_BYTES}"
+        ));
+    }
+    Classified::Message(Box::new(event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(bytes: usize, first_index: usize) -> Pack {
+        Pack {
+            payload: "x".repeat(bytes),
+            first_index,
+            len: 1,
+        }
+    }
+
+    #[test]
+    fn publish_batch_calls_take_up_to_ten_entries_and_256_kib() {
+        let small: Vec<Pack> = (0..25).map(|i| pack(1000, i)).collect();
+        assert_eq!(calls_worth(&small), 10);
+        assert_eq!(calls_worth(&small[20..]), 5);
+        let big: Vec<Pack> = (0..3).map(|i| pack(100 * 1024, i)).collect();
+        assert_eq!(
+            calls_worth(&big),
+            2,
+            "a third 100 KiB entry would pass 256 KiB"
+        );
+        let full = vec![pack(MAX_BATCH_BYTES, 0), pack(10, 1)];
+        assert_eq!(calls_worth(&full), 1);
     }
 }

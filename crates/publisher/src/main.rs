@@ -6,6 +6,7 @@ use aws_lambda_events::streams::DynamoDbEventResponse;
 use chorus_publisher::config::{Cli, Command};
 use chorus_publisher::poller::{self, PollerConfig};
 use chorus_publisher::sns::{SnsPublisher, ensure_topic};
+use chorus_publisher::{DeadLetter, SqsDeadLetter};
 use clap::Parser as _;
 use lambda_runtime::{LambdaEvent, service_fn};
 use tokio_util::sync::CancellationToken;
@@ -22,12 +23,18 @@ async fn main() -> anyhow::Result<()> {
             .context("no topic: set CHORUS_TOPIC_ARN or pass --topic-arn")
     };
 
+    let dead_letters = cli
+        .dead_letter_queue_url
+        .as_ref()
+        .map(|url| SqsDeadLetter::new(aws_sdk_sqs::Client::new(&aws), url));
+    let dead_letters = dead_letters.as_ref().map(|d| d as &dyn DeadLetter);
+
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
         let publisher = SnsPublisher::new(sns, topic_arn()?);
         let publisher = &publisher;
         return lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
             let response: DynamoDbEventResponse =
-                chorus_publisher::handle(&event.payload, publisher).await;
+                chorus_publisher::handle(&event.payload, publisher, dead_letters).await;
             Ok::<_, lambda_runtime::Error>(response)
         }))
         .await
@@ -75,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
                 chorus_service::shutdown_signal().await;
                 trigger.cancel();
             });
-            poller::run(&streams, &config, &publisher, shutdown).await
+            poller::run(&streams, &config, &publisher, dead_letters, shutdown).await
         }
         None => anyhow::bail!(
             "nothing to do: run `chorus-publisher poll` (or inside Lambda, where \

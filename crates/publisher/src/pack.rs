@@ -49,6 +49,16 @@ fn pack_events_within(events: &[(usize, MessageEvent)], limit: usize) -> Vec<Pac
     packs
 }
 
+/// Size of the payload that would carry `events`, in bytes.
+pub fn payload_bytes(events: &[MessageEvent]) -> usize {
+    let envelope = BusPayload::new(Vec::new()).to_json().len();
+    let bodies: usize = events
+        .iter()
+        .map(|e| serde_json::to_vec(e).map_or(0, |v| v.len()))
+        .sum();
+    envelope + bodies + events.len().saturating_sub(1)
+}
+
 fn make_pack(events: &[(usize, MessageEvent)]) -> Pack {
     let payload = BusPayload::new(events.iter().map(|(_, e)| e.clone()).collect()).to_json();
     Pack {

@@ -19,7 +19,7 @@ use aws_sdk_dynamodbstreams::error::DisplayErrorContext;
 use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Publish, handle_with_outcome};
+use crate::{DeadLetter, Publish, handle_with_outcome};
 
 /// How the poller reads.
 #[derive(Debug, Clone)]
@@ -42,6 +42,7 @@ pub async fn run(
     client: &Client,
     config: &PollerConfig,
     publisher: &dyn Publish,
+    dead_letters: Option<&dyn DeadLetter>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut shards: BTreeMap<String, ShardPosition> = BTreeMap::new();
@@ -58,7 +59,7 @@ pub async fn run(
         }
         let mut pause = config.idle_interval;
         for (shard_id, position) in &mut shards {
-            match poll_shard(client, config, shard_id, position, publisher).await {
+            match poll_shard(client, config, shard_id, position, publisher, dead_letters).await {
                 Ok(0) => {}
                 Ok(_) => pause = Duration::ZERO,
                 Err(e) => {
@@ -116,6 +117,7 @@ async fn poll_shard(
     shard_id: &str,
     position: &mut ShardPosition,
     publisher: &dyn Publish,
+    dead_letters: Option<&dyn DeadLetter>,
 ) -> anyhow::Result<usize> {
     let iterator = match position.iterator.take() {
         Some(iterator) => iterator,
@@ -156,8 +158,8 @@ async fn poll_shard(
         .iter()
         .map(|r| to_lambda_record(r, &config.stream_arn))
         .collect();
-    let (response, outcome) = handle_with_outcome(&event, publisher).await;
-    tracing::debug!(?outcome, "batch handled");
+    let (response, outcome) = handle_with_outcome(&event, publisher, dead_letters).await;
+    let _ = outcome;
 
     let failed_at = response
         .batch_item_failures

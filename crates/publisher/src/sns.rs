@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use aws_sdk_sns::Client;
 use aws_sdk_sns::error::DisplayErrorContext;
+use aws_sdk_sns::types::PublishBatchRequestEntry;
 
 use crate::{Publish, PublishError};
 
@@ -24,16 +25,51 @@ impl SnsPublisher {
 
 #[async_trait::async_trait]
 impl Publish for SnsPublisher {
-    async fn publish(&self, message: String) -> Result<(), PublishError> {
+    async fn publish(&self, messages: &[String]) -> Result<(), PublishError> {
         // No Subject: gateways verify signatures over exactly these fields.
-        self.client
-            .publish()
-            .topic_arn(&self.topic_arn)
-            .message(message)
+        let failed_at = |first_failed: usize| {
+            move |e: &dyn std::fmt::Display| PublishError {
+                first_failed,
+                reason: e.to_string(),
+            }
+        };
+        if let [message] = messages {
+            return self
+                .client
+                .publish()
+                .topic_arn(&self.topic_arn)
+                .message(message)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| failed_at(0)(&DisplayErrorContext(&e)));
+        }
+        let mut request = self.client.publish_batch().topic_arn(&self.topic_arn);
+        for (i, message) in messages.iter().enumerate() {
+            let entry = PublishBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message(message)
+                .build()
+                .map_err(|e| failed_at(i)(&e))?;
+            request = request.publish_batch_request_entries(entry);
+        }
+        let out = request
             .send()
             .await
-            .map(|_| ())
-            .map_err(|e| PublishError(DisplayErrorContext(&e).to_string()))
+            .map_err(|e| failed_at(0)(&DisplayErrorContext(&e)))?;
+        let first_failed = out
+            .failed
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| f.id.parse::<usize>().ok().map(|i| (i, f.message.clone())))
+            .min_by_key(|(i, _)| *i);
+        match first_failed {
+            None => Ok(()),
+            Some((i, message)) => Err(PublishError {
+                first_failed: i,
+                reason: message.unwrap_or_else(|| "entry failed".into()),
+            }),
+        }
     }
 }
 

@@ -1,29 +1,55 @@
 //! The publisher's handler on a Lambda-format DynamoDB stream batch (fixtures/stream_batch.json):
-//! what reaches SNS, and what the response tells Lambda.
+//! what reaches SNS and the dead-letter queue, and what the response tells Lambda.
+//!
+//! The fixture, by sequence number: 101 message lobby#1, 102 head insert, 103 idempotency insert,
+//! 104 message news#1, 105 head MODIFY, 106 message lobby#2, 107 REMOVE, 108 poison (a message key
+//! without a body), 109 message lobby#4.
 
 use std::sync::Mutex;
 
-use aws_lambda_events::dynamodb::Event;
+use aws_lambda_events::dynamodb::{Event, EventRecord};
 use chorus_protocol::BusPayload;
-use chorus_publisher::{Publish, PublishError, handle, handle_with_outcome};
+use chorus_publisher::{DeadLetter, Publish, PublishError, handle, handle_with_outcome};
 
-/// Records what it is asked to publish; fails every call from `fail_from` on.
+/// Records what it is asked to publish; fails every call from call number `fail_from` (1-based).
 #[derive(Default)]
 struct FakeSns {
-    published: Mutex<Vec<String>>,
+    calls: Mutex<Vec<Vec<String>>>,
     fail_from: Option<usize>,
-    calls: Mutex<usize>,
 }
 
 #[async_trait::async_trait]
 impl Publish for FakeSns {
-    async fn publish(&self, message: String) -> Result<(), PublishError> {
+    async fn publish(&self, messages: &[String]) -> Result<(), PublishError> {
         let mut calls = self.calls.lock().unwrap();
-        *calls += 1;
-        if self.fail_from.is_some_and(|n| *calls >= n) {
-            return Err(PublishError("throttled".into()));
+        if self.fail_from.is_some_and(|n| calls.len() + 1 >= n) {
+            return Err(PublishError {
+                first_failed: 0,
+                reason: "throttled".into(),
+            });
         }
-        self.published.lock().unwrap().push(message);
+        calls.push(messages.to_vec());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FakeQueue {
+    letters: Mutex<Vec<(String, String)>>,
+    broken: bool,
+}
+
+#[async_trait::async_trait]
+impl DeadLetter for FakeQueue {
+    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), PublishError> {
+        if self.broken {
+            return Err(PublishError {
+                first_failed: 0,
+                reason: "queue down".into(),
+            });
+        }
+        let seq = record.change.sequence_number.clone().unwrap_or_default();
+        self.letters.lock().unwrap().push((seq, reason.to_owned()));
         Ok(())
     }
 }
@@ -33,19 +59,29 @@ fn batch() -> Event {
 }
 
 fn delivered(sns: &FakeSns) -> Vec<(String, u64, String)> {
-    sns.published
+    sns.calls
         .lock()
         .unwrap()
         .iter()
+        .flatten()
         .flat_map(|m| BusPayload::parse(m).unwrap().events)
         .map(|e| (e.room.to_string(), e.seq.0, e.body.as_str().to_owned()))
+        .collect()
+}
+
+fn failures(response: &aws_lambda_events::streams::DynamoDbEventResponse) -> Vec<Option<String>> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
         .collect()
 }
 
 #[tokio::test]
 async fn forwards_message_inserts_only_in_stream_order_in_one_packed_message() {
     let sns = FakeSns::default();
-    let (response, outcome) = handle_with_outcome(&batch(), &sns).await;
+    let queue = FakeQueue::default();
+    let (response, outcome) = handle_with_outcome(&batch(), &sns, Some(&queue)).await;
     assert!(response.batch_item_failures.is_empty());
     assert_eq!(
         delivered(&sns),
@@ -57,41 +93,70 @@ async fn forwards_message_inserts_only_in_stream_order_in_one_packed_message() {
         ]
     );
     assert_eq!(
-        sns.published.lock().unwrap().len(),
+        sns.calls.lock().unwrap().len(),
         1,
-        "one SNS message for the batch"
+        "one SNS call for the batch"
     );
+    assert_eq!(outcome.records, 9);
     assert_eq!(outcome.forwarded, 4);
     assert_eq!(
         outcome.skipped, 4,
         "head insert, idempotency insert, MODIFY, REMOVE"
     );
-    assert_eq!(outcome.poison, 1);
-    assert!(!outcome.failed);
+    assert_eq!((outcome.poison, outcome.dead_lettered), (1, 1));
+    assert_eq!((outcome.sns_messages, outcome.sns_calls), (1, 1));
+    let letters = queue.letters.lock().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0, "108");
+    assert!(
+        letters[0].1.contains("body"),
+        "the reason names the problem: {}",
+        letters[0].1
+    );
 }
 
 #[tokio::test]
-async fn a_failed_publish_reports_the_first_record_of_its_pack() {
+async fn a_failed_publish_reports_the_first_record_of_its_message_and_holds_later_poison() {
     let sns = FakeSns {
         fail_from: Some(1),
         ..FakeSns::default()
     };
-    let response = handle(&batch(), &sns).await;
-    let ids: Vec<_> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.clone())
-        .collect();
-    assert_eq!(ids, [Some("101".to_owned())]);
+    let queue = FakeQueue::default();
+    let response = handle(&batch(), &sns, Some(&queue)).await;
+    assert_eq!(failures(&response), [Some("101".to_owned())]);
     assert!(delivered(&sns).is_empty());
+    assert!(
+        queue.letters.lock().unwrap().is_empty(),
+        "the poison record will be retried with the batch"
+    );
     let json = serde_json::to_value(&response).unwrap();
     assert_eq!(json["batchItemFailures"][0]["itemIdentifier"], "101");
 }
 
 #[tokio::test]
+async fn an_unreachable_dead_letter_queue_stops_the_batch_at_the_poison_record() {
+    let sns = FakeSns::default();
+    let queue = FakeQueue {
+        broken: true,
+        ..FakeQueue::default()
+    };
+    let response = handle(&batch(), &sns, Some(&queue)).await;
+    assert_eq!(failures(&response), [Some("108".to_owned())]);
+}
+
+#[tokio::test]
+async fn without_a_dead_letter_queue_poison_is_skipped_and_the_batch_succeeds() {
+    let sns = FakeSns::default();
+    let (response, outcome) = handle_with_outcome(&batch(), &sns, None).await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!((outcome.poison, outcome.dead_lettered), (1, 0));
+    assert_eq!(delivered(&sns).len(), 4);
+}
+
+#[tokio::test]
 async fn an_empty_batch_publishes_nothing_and_succeeds() {
     let sns = FakeSns::default();
-    let response = handle(&Event::default(), &sns).await;
+    let response = handle(&Event::default(), &sns, None).await;
     assert!(response.batch_item_failures.is_empty());
-    assert!(sns.published.lock().unwrap().is_empty());
+    assert!(sns.calls.lock().unwrap().is_empty());
 }
