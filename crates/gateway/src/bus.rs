@@ -2,10 +2,7 @@
 //! lifecycle (subscribe at start, confirm, unsubscribe on drain).
 //!
 //! SNS posts a JSON envelope with `Content-Type: text/plain`; the body is read as bytes and
-//! parsed here. Only envelopes of the configured topic are accepted.
-//!
-//! Signature verification is not implemented yet: the gateway refuses to start unless it is
-//! explicitly switched off, and then warns at start (see `Config::insecure_skip_sns_verification`).
+//! parsed here, and checked by [`crate::verify`] before anything in it is used.
 
 use std::time::Duration;
 

@@ -56,10 +56,23 @@ pub struct Config {
     /// Name shown in logs and metrics; defaults to the listen address.
     #[arg(long, global = true, env = "CHORUS_GATEWAY_ID")]
     pub gateway_id: Option<String>,
-    /// Accept SNS posts without checking their signature. Verification is not implemented yet,
-    /// so this is required; use it only against a local emulator or on a private network.
+    /// Accept SNS posts without checking their signature. Never in production: anyone who can
+    /// reach `/sns` could broadcast. The gateway warns at every start with this set.
     #[arg(long, global = true, env = "CHORUS_INSECURE_SKIP_SNS_VERIFICATION")]
     pub insecure_skip_sns_verification: bool,
+    /// Local emulators only: fetch SNS signing certificates from this base URL (the certificate
+    /// URL's path is kept, and the request is signed as an SNS call) instead of from the
+    /// `sns.<region>.amazonaws.com` host the message names. The URL checks still apply.
+    #[arg(long, global = true, env = "CHORUS_SNS_CERT_MIRROR")]
+    pub sns_cert_mirror: Option<String>,
+    /// SNS messages whose Timestamp is older than this many seconds are refused.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SNS_MAX_AGE_SECS",
+        default_value_t = 3600
+    )]
+    pub sns_max_age_secs: u64,
     /// Development only: a client names itself with `?user=NAME`, unauthenticated.
     #[arg(long, global = true, env = "CHORUS_INSECURE_DEV_USERS")]
     pub insecure_dev_users: bool,
@@ -113,12 +126,6 @@ pub struct Config {
 /// A setting that makes no sense.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "SNS signature verification is not implemented in this version: start with \
-         --insecure-skip-sns-verification (CHORUS_INSECURE_SKIP_SNS_VERIFICATION=true), only \
-         against a local emulator or where nobody else can reach /sns"
-    )]
-    VerificationRequired,
     #[error("{0}")]
     Invalid(String),
 }
@@ -138,8 +145,17 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the bad setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.insecure_skip_sns_verification {
-            return Err(ConfigError::VerificationRequired);
+        if let Some(mirror) = &self.sns_cert_mirror
+            && !(mirror.starts_with("http://") || mirror.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--sns-cert-mirror must be an http(s) URL, got {mirror:?}"
+            )));
+        }
+        if self.sns_max_age_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "--sns-max-age-secs must be at least 1".into(),
+            ));
         }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -188,12 +204,10 @@ mod tests {
     }
 
     #[test]
-    fn verification_must_be_switched_off_explicitly_for_now() {
+    fn verification_is_on_unless_switched_off() {
         let cli = Cli::try_parse_from(["chorus-gateway", "--topic-arn", "arn:t"]).unwrap();
-        assert!(matches!(
-            cli.config.validate(),
-            Err(ConfigError::VerificationRequired)
-        ));
+        assert!(!cli.config.insecure_skip_sns_verification);
+        cli.config.validate().unwrap();
         let cli = Cli::try_parse_from([
             "chorus-gateway",
             "--topic-arn",

@@ -18,6 +18,7 @@ pub mod log;
 pub mod metrics;
 pub mod ordering;
 mod routes;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,11 +35,14 @@ use crate::connection::{ConnectionContext, ConnectionSettings};
 use crate::hub::{Hub, HubSettings};
 use crate::log::MessageLog;
 use crate::metrics::GatewayMetrics;
+use crate::verify::{CertSource, Verifier};
 
 /// The gateway's external effects, built once at start-up.
 pub struct Deps {
     pub log: Arc<dyn MessageLog>,
     pub subscriptions: Arc<dyn TopicSubscriptions>,
+    /// Where SNS signing certificates come from (unused with verification off).
+    pub certs: CertSource,
 }
 
 /// Why the gateway stopped abnormally.
@@ -46,6 +50,8 @@ pub struct Deps {
 pub enum GatewayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("building the SNS verifier: {0}")]
+    Verifier(#[from] reqwest::Error),
     #[error("subscribing to the topic failed: {0}")]
     Subscribe(#[from] bus::BusError),
     #[error("serving failed: {0}")]
@@ -58,6 +64,8 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<Config>,
     pub(crate) connection: ConnectionContext,
     pub(crate) subscriptions: Arc<dyn TopicSubscriptions>,
+    /// `None` only with `--insecure-skip-sns-verification`.
+    pub(crate) verifier: Option<Verifier>,
     pub(crate) metrics: Arc<GatewayMetrics>,
     pub(crate) ready: Arc<AtomicBool>,
     pub(crate) connections: TaskTracker,
@@ -87,6 +95,15 @@ pub async fn run(
              any room. Use this only with a local emulator."
         );
     }
+    if let (false, Some(mirror)) = (
+        config.insecure_skip_sns_verification,
+        &config.sns_cert_mirror,
+    ) {
+        tracing::warn!(
+            gateway = %gateway_id, %mirror,
+            "SNS signing certificates are fetched from a mirror: for a local emulator only"
+        );
+    }
     if config.insecure_dev_users {
         tracing::warn!(
             gateway = %gateway_id,
@@ -94,6 +111,15 @@ pub async fn run(
         );
     }
 
+    let verifier = if config.insecure_skip_sns_verification {
+        None
+    } else {
+        Some(Verifier::new(
+            config.topic_arn.clone(),
+            Duration::from_secs(config.sns_max_age_secs),
+            deps.certs.clone(),
+        )?)
+    };
     let metrics = Arc::new(GatewayMetrics::default());
     let hub = Hub::new(
         Arc::clone(&deps.log),
@@ -118,6 +144,7 @@ pub async fn run(
             drain: drain.clone(),
         },
         subscriptions: Arc::clone(&deps.subscriptions),
+        verifier,
         metrics,
         ready: Arc::clone(&ready),
         connections: connections.clone(),

@@ -6,6 +6,7 @@ use chorus_gateway::Deps;
 use chorus_gateway::bus::{SnsSubscriptions, prune_dead_subscriptions};
 use chorus_gateway::config::{Cli, Command};
 use chorus_gateway::log::WriterClient;
+use chorus_gateway::verify::CertSource;
 use clap::Parser as _;
 
 #[tokio::main]
@@ -32,6 +33,18 @@ async fn main() -> anyhow::Result<()> {
             .context("building the writer client")?,
         ),
         subscriptions: Arc::new(SnsSubscriptions::new(sns, &config.topic_arn)),
+        certs: match &config.sns_cert_mirror {
+            None => CertSource::Aws,
+            Some(base) => CertSource::Mirror {
+                base: base.clone(),
+                sign_as: aws.credentials_provider().map(|credentials| {
+                    let region = aws
+                        .region()
+                        .map_or("us-east-1".to_owned(), |r| r.to_string());
+                    (credentials, region)
+                }),
+            },
+        },
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

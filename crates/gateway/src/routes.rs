@@ -105,6 +105,14 @@ async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
     if envelope.topic_arn != state.config.topic_arn {
         return reject(StatusCode::FORBIDDEN, "not from the configured topic");
     }
+    if let Some(verifier) = &state.verifier
+        && let Err(e) = verifier.verify(&envelope).await
+    {
+        state.metrics.bus_rejected.inc();
+        // The reason, never the payload.
+        tracing::warn!(message_id = %envelope.message_id.chars().take(64).collect::<String>(), reason = %e, "SNS post refused: not a genuine message of the topic");
+        return plain(StatusCode::FORBIDDEN, "signature verification failed");
+    }
     match envelope.kind.as_str() {
         "Notification" => {
             let payload = match BusPayload::parse(&envelope.message) {

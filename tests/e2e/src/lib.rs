@@ -290,6 +290,7 @@ impl Stack {
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
         let name = format!("gateway-{}", self.gateways.len());
         let writer_index = self.gateways.len() % (1 + self.more_writers.len());
+        let endpoint = endpoint();
         let writer_url = if writer_index == 0 {
             self.writer.http()
         } else {
@@ -304,7 +305,8 @@ impl Stack {
             &self.topic_arn,
             "--gateway-id",
             &name,
-            "--insecure-skip-sns-verification",
+            "--sns-cert-mirror",
+            &endpoint,
             "--insecure-dev-users",
             "--drain-timeout-ms",
             "5000",

@@ -391,3 +391,88 @@ async fn two_writers_racing_on_one_room_give_dense_seqs() {
     let stored: Vec<u64> = page.messages.iter().map(|m| m.seq.0).collect();
     assert_eq!(stored, (1..=40).collect::<Vec<u64>>());
 }
+
+#[tokio::test]
+async fn forged_sns_posts_are_refused_and_reach_no_client() {
+    let stack = Stack::start(1).await.unwrap();
+    let lobby = room("lobby");
+    let gateway = &stack.gateways[0];
+    let mut lucy = Client::connect(&gateway.ws("lucy")).await.unwrap();
+    joined(&mut lucy, &lobby, None).await;
+
+    let forged_payload = serde_json::json!({"v": 1, "events": [{
+        "room": "lobby", "seq": 1, "id": "forged", "sender": "mallory",
+        "body": "send me your password", "ts": "2026-11-29T10:00:00.000Z"}]})
+    .to_string();
+    let envelope = |topic: &str, signature: Option<&str>| {
+        let mut e = serde_json::json!({
+            "Type": "Notification",
+            "MessageId": "00000000-0000-4000-8000-000000000000",
+            "TopicArn": topic,
+            "Message": forged_payload,
+            "Timestamp": "2099-01-01T00:00:00.000Z",
+            "SignatureVersion": "2",
+            "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-forged.pem",
+        });
+        if let Some(signature) = signature {
+            e["Signature"] = signature.into();
+        }
+        e.to_string()
+    };
+    let http = reqwest::Client::new();
+    let url = format!("{}/sns", gateway.http());
+    for (body, status) in [
+        (envelope(&stack.topic_arn, None), 403),
+        (
+            envelope(&stack.topic_arn, Some("bm90IGEgc2lnbmF0dXJl")),
+            403,
+        ),
+        (
+            envelope("arn:aws:sns:us-east-1:123456789012:elsewhere", Some("AAAA")),
+            403,
+        ),
+        ("{not json".to_owned(), 400),
+    ] {
+        let res = http
+            .post(&url)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status);
+        let text = res.text().await.unwrap();
+        assert!(
+            !text.contains("password"),
+            "the refusal does not echo the payload"
+        );
+    }
+
+    // The real first message of the room is the first thing Lucy sees.
+    let mut john = Client::connect(&gateway.ws("john")).await.unwrap();
+    joined(&mut john, &lobby, None).await;
+    let id = john.send(&lobby, "the real one").await.unwrap();
+    acked(&mut john, &id).await;
+    let first = next_message(&mut lucy).await;
+    assert_eq!(
+        (first.seq, first.sender.as_str(), first.body.as_str()),
+        (Seq(1), "john", "the real one")
+    );
+
+    let metrics = http
+        .get(format!("{}/metrics", gateway.http()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chorus_gateway_bus_notifications_total{result=\"rejected\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        !gateway.log().contains("send me your password"),
+        "payloads never reach the log"
+    );
+}

@@ -1,0 +1,406 @@
+//! SNS message verification: only genuine messages of the configured topic get in.
+//!
+//! A message is accepted when all hold:
+//! - `TopicArn` is the configured topic;
+//! - `SignatureVersion` is 1 (SHA1withRSA) or 2 (SHA256withRSA) and `Signature` verifies over the
+//!   string to sign AWS documents: for `Notification` the fields Message, MessageId, Subject (only
+//!   if present), Timestamp, TopicArn, Type; for `SubscriptionConfirmation` and
+//!   `UnsubscribeConfirmation` the fields Message, MessageId, SubscribeURL, Timestamp, Token,
+//!   TopicArn, Type; each as `Name\nValue\n`;
+//! - the key is from `SigningCertURL`, which must be `https://sns.<region>.amazonaws.com[.cn]/
+//!   SimpleNotificationService-….pem` (no port, user info, query or fragment), fetched with a short
+//!   timeout, a size cap and no redirects, and cached by URL;
+//! - `Timestamp` is no older than the configured window (and not from the future beyond it).
+//!
+//! Against a local emulator the certificate host cannot be reached: [`CertSource::Mirror`] fetches
+//! the same path from another base URL (the emulator's), optionally signing the request as an
+//! SNS API call (SigV4, service `sns`), which is how the emulator routes it. The URL check itself
+//! is not relaxed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::provider::{ProvideCredentials as _, SharedCredentialsProvider};
+use base64::Engine as _;
+use rsa::RsaPublicKey;
+use rsa::pkcs1v15::{Signature, VerifyingKey};
+use rsa::pkcs8::DecodePublicKey as _;
+use rsa::signature::Verifier as _;
+use x509_cert::Certificate;
+use x509_cert::der::{DecodePem as _, Encode as _};
+
+use crate::bus::SnsEnvelope;
+
+/// Largest certificate accepted, in bytes.
+const MAX_CERT_BYTES: usize = 16 * 1024;
+/// Most certificates kept (SNS rotates them rarely; this bounds memory against forged URLs that
+/// pass the checks but name other regions' paths).
+const MAX_CACHED_CERTS: usize = 32;
+
+/// Where signing certificates come from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// From the URL in the message (production).
+    Aws,
+    /// From `base` + the URL's path: for a local emulator that serves the certificate itself.
+    /// With `sign_as`, the request carries a SigV4 signature for service `sns` in that region.
+    Mirror {
+        base: String,
+        sign_as: Option<(SharedCredentialsProvider, String)>,
+    },
+}
+
+/// Why a message was refused. Logged (without the payload) and counted; the sender gets 403.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("message is not from the configured topic")]
+    WrongTopic,
+    #[error("unsupported SignatureVersion {0:?}")]
+    UnsupportedVersion(Option<String>),
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    #[error("SigningCertURL refused: {0}")]
+    CertUrl(String),
+    #[error("signing certificate unavailable: {0}")]
+    CertFetch(String),
+    #[error("signing certificate unusable: {0}")]
+    BadCert(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("Timestamp {0:?} is outside the accepted window")]
+    Stale(String),
+}
+
+/// Verifies SNS messages for one topic. Cheap to clone.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<VerifierInner>,
+}
+
+struct VerifierInner {
+    topic_arn: String,
+    max_age: Duration,
+    source: CertSource,
+    http: reqwest::Client,
+    /// Certificate URL → key. A std `Mutex`: held only to read or insert, never across `.await`.
+    keys: Mutex<HashMap<String, Arc<RsaPublicKey>>>,
+}
+
+impl Verifier {
+    /// A verifier for `topic_arn` accepting messages up to `max_age` old.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        topic_arn: impl Into<String>,
+        max_age: Duration,
+        source: CertSource,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Verifier {
+            inner: Arc::new(VerifierInner {
+                topic_arn: topic_arn.into(),
+                max_age,
+                source,
+                http,
+                keys: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Checks `message`; see the module docs for the rules.
+    ///
+    /// # Errors
+    /// [`VerifyError`] naming the first rule broken.
+    pub async fn verify(&self, message: &SnsEnvelope) -> Result<(), VerifyError> {
+        if message.topic_arn != self.inner.topic_arn {
+            return Err(VerifyError::WrongTopic);
+        }
+        let hash = match message.signature_version.as_deref() {
+            Some("1") => Hash::Sha1,
+            Some("2") => Hash::Sha256,
+            other => return Err(VerifyError::UnsupportedVersion(other.map(str::to_owned))),
+        };
+        self.check_timestamp(&message.timestamp)?;
+        let cert_url = message
+            .signing_cert_url
+            .as_deref()
+            .ok_or(VerifyError::MissingField("SigningCertURL"))?;
+        check_cert_url(cert_url)?;
+        let signature = message
+            .signature
+            .as_deref()
+            .ok_or(VerifyError::MissingField("Signature"))?;
+        let signature = base64::engine::general_purpose::STANDARD
+            .decode(signature)
+            .map_err(|_| VerifyError::BadSignature)?;
+        let signature =
+            Signature::try_from(signature.as_slice()).map_err(|_| VerifyError::BadSignature)?;
+        let text = string_to_sign(message)?;
+        let key = self.key(cert_url).await?;
+        let verified = match hash {
+            Hash::Sha1 => {
+                VerifyingKey::<sha1::Sha1>::new((*key).clone()).verify(text.as_bytes(), &signature)
+            }
+            Hash::Sha256 => VerifyingKey::<sha2::Sha256>::new((*key).clone())
+                .verify(text.as_bytes(), &signature),
+        };
+        verified.map_err(|_| VerifyError::BadSignature)
+    }
+
+    fn check_timestamp(&self, timestamp: &str) -> Result<(), VerifyError> {
+        let stale = || VerifyError::Stale(timestamp.chars().take(40).collect());
+        let at =
+            time::OffsetDateTime::parse(timestamp, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| stale())?;
+        let age = time::OffsetDateTime::now_utc() - at;
+        let window = time::Duration::try_from(self.inner.max_age).unwrap_or(time::Duration::HOUR);
+        if age > window || age < -window {
+            return Err(stale());
+        }
+        Ok(())
+    }
+
+    async fn key(&self, cert_url: &str) -> Result<Arc<RsaPublicKey>, VerifyError> {
+        if let Some(key) = self
+            .inner
+            .keys
+            .lock()
+            .expect("key cache lock poisoned")
+            .get(cert_url)
+        {
+            return Ok(Arc::clone(key));
+        }
+        let pem = self.fetch(cert_url).await?;
+        let cert = Certificate::from_pem(&pem).map_err(|e| VerifyError::BadCert(e.to_string()))?;
+        let spki = cert
+            .tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .map_err(|e| VerifyError::BadCert(e.to_string()))?;
+        let key = Arc::new(
+            RsaPublicKey::from_public_key_der(&spki)
+                .map_err(|e| VerifyError::BadCert(e.to_string()))?,
+        );
+        let mut keys = self.inner.keys.lock().expect("key cache lock poisoned");
+        if keys.len() >= MAX_CACHED_CERTS {
+            keys.clear();
+        }
+        keys.insert(cert_url.to_owned(), Arc::clone(&key));
+        tracing::info!(%cert_url, "SNS signing certificate fetched and cached");
+        Ok(key)
+    }
+
+    async fn fetch(&self, cert_url: &str) -> Result<Vec<u8>, VerifyError> {
+        let fetch_err = |e: &dyn std::fmt::Display| VerifyError::CertFetch(e.to_string());
+        let (url, sign_as) = match &self.inner.source {
+            CertSource::Aws => (cert_url.to_owned(), None),
+            CertSource::Mirror { base, sign_as } => {
+                let path = url::Url::parse(cert_url)
+                    .map_err(|e| fetch_err(&e))?
+                    .path()
+                    .to_owned();
+                (
+                    format!("{}{path}", base.trim_end_matches('/')),
+                    sign_as.as_ref(),
+                )
+            }
+        };
+        let mut request = self.inner.http.get(&url);
+        if let Some((credentials, region)) = sign_as {
+            for (name, value) in sigv4_headers(&url, credentials, region)
+                .await
+                .map_err(|e| fetch_err(&e))?
+            {
+                request = request.header(name, value);
+            }
+        }
+        let mut response = request.send().await.map_err(|e| fetch_err(&e))?;
+        if !response.status().is_success() {
+            return Err(VerifyError::CertFetch(format!(
+                "HTTP {}",
+                response.status()
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| fetch_err(&e))? {
+            if body.len() + chunk.len() > MAX_CERT_BYTES {
+                return Err(VerifyError::CertFetch(format!(
+                    "certificate over {MAX_CERT_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+enum Hash {
+    Sha1,
+    Sha256,
+}
+
+/// Checks that a `SigningCertURL` can only name an SNS certificate.
+///
+/// # Errors
+/// [`VerifyError::CertUrl`] saying which part is wrong.
+pub fn check_cert_url(raw: &str) -> Result<(), VerifyError> {
+    let refuse = |why: &str| Err(VerifyError::CertUrl(why.to_owned()));
+    let url = url::Url::parse(raw).map_err(|e| VerifyError::CertUrl(format!("not a URL: {e}")))?;
+    if url.scheme() != "https" {
+        return refuse("scheme must be https");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("user info not allowed");
+    }
+    if url.port().is_some() {
+        return refuse("port not allowed");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return refuse("query or fragment not allowed");
+    }
+    let Some(host) = url.host_str() else {
+        return refuse("no host");
+    };
+    let region = host.strip_prefix("sns.").and_then(|rest| {
+        rest.strip_suffix(".amazonaws.com")
+            .or_else(|| rest.strip_suffix(".amazonaws.com.cn"))
+    });
+    let region_ok = region.is_some_and(|r| {
+        !r.is_empty()
+            && r.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    });
+    if !region_ok {
+        return refuse("host must be sns.<region>.amazonaws.com");
+    }
+    let path = url.path();
+    let file_ok = path
+        .strip_prefix("/SimpleNotificationService-")
+        .and_then(|rest| rest.strip_suffix(".pem"))
+        .is_some_and(|id| {
+            !id.is_empty()
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !file_ok {
+        return refuse("path must be /SimpleNotificationService-<id>.pem");
+    }
+    Ok(())
+}
+
+/// The string SNS signs, for this message's type.
+///
+/// # Errors
+/// [`VerifyError::MissingField`] when a field the type requires is absent.
+pub fn string_to_sign(message: &SnsEnvelope) -> Result<String, VerifyError> {
+    let mut out = String::with_capacity(message.message.len() + 256);
+    let mut field = |name: &str, value: &str| {
+        out.push_str(name);
+        out.push('\n');
+        out.push_str(value);
+        out.push('\n');
+    };
+    match message.kind.as_str() {
+        "Notification" => {
+            field("Message", &message.message);
+            field("MessageId", &message.message_id);
+            if let Some(subject) = &message.subject {
+                field("Subject", subject);
+            }
+            field("Timestamp", &message.timestamp);
+            field("TopicArn", &message.topic_arn);
+            field("Type", &message.kind);
+        }
+        "SubscriptionConfirmation" | "UnsubscribeConfirmation" => {
+            let subscribe_url = message
+                .subscribe_url
+                .as_deref()
+                .ok_or(VerifyError::MissingField("SubscribeURL"))?;
+            let token = message
+                .token
+                .as_deref()
+                .ok_or(VerifyError::MissingField("Token"))?;
+            field("Message", &message.message);
+            field("MessageId", &message.message_id);
+            field("SubscribeURL", subscribe_url);
+            field("Timestamp", &message.timestamp);
+            field("Token", token);
+            field("TopicArn", &message.topic_arn);
+            field("Type", &message.kind);
+        }
+        _ => return Err(VerifyError::MissingField("Type")),
+    }
+    Ok(out)
+}
+
+/// SigV4 headers for a GET of `url` as an SNS call (how an emulator recognizes the request).
+async fn sigv4_headers(
+    url: &str,
+    credentials: &SharedCredentialsProvider,
+    region: &str,
+) -> Result<Vec<(String, String)>, String> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    use aws_sigv4::sign::v4;
+
+    let credentials = credentials
+        .provide_credentials()
+        .await
+        .map_err(|e| e.to_string())?;
+    let identity = credentials.into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("sns")
+        .time(SystemTime::now())
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let request = SignableRequest::new("GET", url, std::iter::empty(), SignableBody::Bytes(&[]))
+        .map_err(|e| e.to_string())?;
+    let (instructions, _signature) = sign(request, &params)
+        .map_err(|e| e.to_string())?
+        .into_parts();
+    let (headers, _query) = instructions.into_parts();
+    Ok(headers
+        .into_iter()
+        .map(|h| (h.name().to_owned(), h.value().to_owned()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sns_certificate_urls_pass() {
+        for good in [
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-9c6465fa7f48f5cacd23014631ec1136.pem",
+            "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-abc.pem",
+        ] {
+            check_cert_url(good).unwrap();
+        }
+        for bad in [
+            "http://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem",
+            "https://sns.us-east-1.amazonaws.com.evil.com/SimpleNotificationService-abc.pem",
+            "https://evil.com/SimpleNotificationService-abc.pem",
+            "https://sns.us-east-1.amazonaws.com:8443/SimpleNotificationService-abc.pem",
+            "https://user:pw@sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem?x=1",
+            "https://sns.us-east-1.amazonaws.com/other.pem",
+            "https://sns.us-east-1.amazonaws.com/a/SimpleNotificationService-abc.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-../x.pem",
+            "https://sns..amazonaws.com/SimpleNotificationService-abc.pem",
+            "not a url",
+        ] {
+            assert!(check_cert_url(bad).is_err(), "{bad} passed");
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! SNS signature verification with a certificate made for the test (tests/fixtures, a throwaway
+//! self-signed RSA key, never used anywhere else), served on loopback the way a mirror serves it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use base64::Engine as _;
+use chorus_gateway::bus::SnsEnvelope;
+use chorus_gateway::verify::{CertSource, Verifier, VerifyError, string_to_sign};
+use rsa::pkcs1v15::SigningKey;
+use rsa::pkcs8::DecodePrivateKey as _;
+use rsa::signature::{SignatureEncoding as _, Signer as _};
+
+const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:chorus";
+const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
+
+/// Serves the fixture certificate and counts fetches.
+async fn cert_server() -> (String, Arc<AtomicUsize>) {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let app = Router::new().route(
+        "/SimpleNotificationService-test.pem",
+        get(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async { include_str!("fixtures/test-signing-cert.pem") }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, fetches)
+}
+
+async fn verifier() -> (Verifier, Arc<AtomicUsize>) {
+    let (base, fetches) = cert_server().await;
+    let verifier = Verifier::new(
+        TOPIC,
+        Duration::from_secs(3600),
+        CertSource::Mirror {
+            base,
+            sign_as: None,
+        },
+    )
+    .unwrap();
+    (verifier, fetches)
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn notification(message: &str) -> SnsEnvelope {
+    serde_json::from_value(serde_json::json!({
+        "Type": "Notification",
+        "MessageId": "5c1a2b3c-0000-4000-8000-000000000001",
+        "TopicArn": TOPIC,
+        "Message": message,
+        "Timestamp": now(),
+        "SignatureVersion": "2",
+        "Signature": "",
+        "SigningCertURL": CERT_URL,
+    }))
+    .unwrap()
+}
+
+/// Signs as SNS does: over the string to sign, with SHA1 (v1) or SHA256 (v2).
+fn sign(mut envelope: SnsEnvelope, version: &str) -> SnsEnvelope {
+    envelope.signature_version = Some(version.to_owned());
+    let key =
+        rsa::RsaPrivateKey::from_pkcs8_pem(include_str!("fixtures/test-signing-key.pem")).unwrap();
+    let text = string_to_sign(&envelope).unwrap();
+    let signature = match version {
+        "1" => SigningKey::<sha1::Sha1>::new(key)
+            .sign(text.as_bytes())
+            .to_vec(),
+        _ => SigningKey::<sha2::Sha256>::new(key)
+            .sign(text.as_bytes())
+            .to_vec(),
+    };
+    envelope.signature = Some(base64::engine::general_purpose::STANDARD.encode(signature));
+    envelope
+}
+
+#[tokio::test]
+async fn genuine_v1_and_v2_notifications_verify_and_the_certificate_is_fetched_once() {
+    let (verifier, fetches) = verifier().await;
+    verifier
+        .verify(&sign(notification(r#"{"v":1,"events":[]}"#), "2"))
+        .await
+        .unwrap();
+    verifier
+        .verify(&sign(notification("another"), "1"))
+        .await
+        .unwrap();
+    let mut with_subject = notification("with a subject");
+    with_subject.subject = Some("hello".into());
+    verifier.verify(&sign(with_subject, "1")).await.unwrap();
+    assert_eq!(fetches.load(Ordering::Relaxed), 1, "cached by URL");
+}
+
+#[tokio::test]
+async fn a_tampered_message_or_signature_is_refused() {
+    let (verifier, _) = verifier().await;
+    let mut tampered = sign(notification(r#"{"v":1,"events":[]}"#), "2");
+    tampered.message = r#"{"v":1,"events":[{"forged":true}]}"#.into();
+    assert!(matches!(
+        verifier.verify(&tampered).await,
+        Err(VerifyError::BadSignature)
+    ));
+
+    let mut wrong_version = sign(notification("x"), "2");
+    wrong_version.signature_version = Some("1".into());
+    assert!(matches!(
+        verifier.verify(&wrong_version).await,
+        Err(VerifyError::BadSignature)
+    ));
+
+    let mut garbage = sign(notification("x"), "2");
+    garbage.signature = Some("not base64!".into());
+    assert!(matches!(
+        verifier.verify(&garbage).await,
+        Err(VerifyError::BadSignature)
+    ));
+
+    let mut unsigned = notification("x");
+    unsigned.signature = None;
+    assert!(verifier.verify(&unsigned).await.is_err());
+
+    let mut unknown = sign(notification("x"), "2");
+    unknown.signature_version = Some("3".into());
+    assert!(matches!(
+        verifier.verify(&unknown).await,
+        Err(VerifyError::UnsupportedVersion(_))
+    ));
+}
+
+#[tokio::test]
+async fn other_topics_stale_timestamps_and_foreign_certificates_are_refused() {
+    let (verifier, fetches) = verifier().await;
+    let mut other_topic = notification("x");
+    other_topic.topic_arn = "arn:aws:sns:us-east-1:123456789012:other".into();
+    assert!(matches!(
+        verifier.verify(&sign(other_topic, "2")).await,
+        Err(VerifyError::WrongTopic)
+    ));
+
+    let mut stale = notification("x");
+    stale.timestamp = "2020-01-01T00:00:00.000Z".into();
+    assert!(matches!(
+        verifier.verify(&sign(stale, "2")).await,
+        Err(VerifyError::Stale(_))
+    ));
+
+    let mut foreign = notification("x");
+    foreign.signing_cert_url =
+        Some("https://attacker.example/SimpleNotificationService-test.pem".into());
+    assert!(matches!(
+        verifier.verify(&sign(foreign, "2")).await,
+        Err(VerifyError::CertUrl(_))
+    ));
+    assert_eq!(
+        fetches.load(Ordering::Relaxed),
+        0,
+        "nothing is fetched for refused URLs"
+    );
+}
+
+#[tokio::test]
+async fn subscription_confirmations_sign_the_token_and_subscribe_url() {
+    let (verifier, _) = verifier().await;
+    let confirmation: SnsEnvelope = serde_json::from_value(serde_json::json!({
+        "Type": "SubscriptionConfirmation",
+        "MessageId": "m-1",
+        "Token": "2336412f37fb687f5d51e6e2425",
+        "TopicArn": TOPIC,
+        "Message": "You have chosen to subscribe to the topic",
+        "SubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=2336",
+        "Timestamp": now(),
+        "SigningCertURL": CERT_URL,
+    }))
+    .unwrap();
+    let text = string_to_sign(&confirmation).unwrap();
+    assert!(text.starts_with(
+        "Message\nYou have chosen to subscribe to the topic\nMessageId\nm-1\nSubscribeURL\n"
+    ));
+    assert!(text.ends_with("Token\n2336412f37fb687f5d51e6e2425\nTopicArn\narn:aws:sns:us-east-1:123456789012:chorus\nType\nSubscriptionConfirmation\n"));
+    let signed = sign(confirmation, "1");
+    verifier.verify(&signed).await.unwrap();
+    let mut forged = signed;
+    forged.token = Some("another-token".into());
+    assert!(matches!(
+        verifier.verify(&forged).await,
+        Err(VerifyError::BadSignature)
+    ));
+}
