@@ -35,6 +35,17 @@ pub struct SnsEnvelope {
     pub signing_cert_url: Option<String>,
 }
 
+/// Where a subscription stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionState {
+    /// Deliveries flow.
+    Confirmed,
+    /// Waiting for the endpoint to confirm.
+    Pending,
+    /// It no longer exists (removed by someone, or by SNS after failed deliveries).
+    Gone,
+}
+
 /// Why a subscription call failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -45,8 +56,8 @@ pub struct BusError(pub String);
 pub trait TopicSubscriptions: Send + Sync + 'static {
     /// Subscribes `endpoint` (http or https URL) and returns the subscription ARN.
     async fn subscribe(&self, endpoint: &str) -> Result<String, BusError>;
-    /// Whether the subscription is confirmed (deliveries flow).
-    async fn is_confirmed(&self, subscription_arn: &str) -> Result<bool, BusError>;
+    /// Where the subscription stands.
+    async fn state(&self, subscription_arn: &str) -> Result<SubscriptionState, BusError>;
     /// Confirms a subscription with the token SNS posted.
     async fn confirm(&self, token: &str) -> Result<(), BusError>;
     /// Removes the subscription.
@@ -95,20 +106,33 @@ impl TopicSubscriptions for SnsSubscriptions {
             .ok_or_else(|| BusError("Subscribe returned no subscription ARN".into()))
     }
 
-    async fn is_confirmed(&self, subscription_arn: &str) -> Result<bool, BusError> {
-        let out = self
+    async fn state(&self, subscription_arn: &str) -> Result<SubscriptionState, BusError> {
+        let out = match self
             .client
             .get_subscription_attributes()
             .subscription_arn(subscription_arn)
             .send()
             .await
-            .map_err(sns_error("GetSubscriptionAttributes"))?;
+        {
+            Ok(out) => out,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_not_found_exception()) =>
+            {
+                return Ok(SubscriptionState::Gone);
+            }
+            Err(e) => return Err(sns_error("GetSubscriptionAttributes")(e)),
+        };
         let pending = out
             .attributes
             .as_ref()
             .and_then(|a| a.get("PendingConfirmation"))
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        Ok(!pending)
+        Ok(if pending {
+            SubscriptionState::Pending
+        } else {
+            SubscriptionState::Confirmed
+        })
     }
 
     async fn confirm(&self, token: &str) -> Result<(), BusError> {
@@ -146,7 +170,7 @@ pub async fn subscribe_and_confirm(
     let arn = subscriptions.subscribe(endpoint).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if subscriptions.is_confirmed(&arn).await? {
+        if subscriptions.state(&arn).await? == SubscriptionState::Confirmed {
             return Ok(arn);
         }
         if tokio::time::Instant::now() >= deadline {

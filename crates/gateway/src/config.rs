@@ -92,6 +92,14 @@ pub struct Config {
         default_value_t = 500
     )]
     pub gap_timeout_ms: u64,
+    /// How often to check that the subscription still exists (re-subscribing if it is gone).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SUBSCRIPTION_CHECK_MS",
+        default_value_t = 30_000
+    )]
+    pub subscription_check_ms: u64,
     /// How long to wait for SNS to confirm the subscription at start.
     #[arg(
         long,

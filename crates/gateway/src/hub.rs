@@ -182,6 +182,26 @@ impl Hub {
             .cloned()
     }
 
+    /// Starts a repair (gap fill and tail check) in every room: after the bus may have lost
+    /// messages, e.g. while the subscription was gone.
+    pub fn repair_all(&self) {
+        let rooms: Vec<(RoomId, Arc<Mutex<Room>>)> = self
+            .inner
+            .rooms
+            .read()
+            .expect("room map lock poisoned")
+            .iter()
+            .map(|(id, room)| (id.clone(), Arc::clone(room)))
+            .collect();
+        for (room_id, room_arc) in rooms {
+            let mut room = room_arc.lock().expect("room lock poisoned");
+            if !room.repairing && !room.closed {
+                room.repairing = true;
+                self.spawn_repair(room_id, Arc::clone(&room_arc));
+            }
+        }
+    }
+
     /// Number of rooms with local members.
     pub fn room_count(&self) -> usize {
         self.inner

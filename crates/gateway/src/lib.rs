@@ -134,7 +134,7 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
         connection: ConnectionContext {
-            hub,
+            hub: hub.clone(),
             log: deps.log,
             metrics: Arc::clone(&metrics),
             settings: ConnectionSettings {
@@ -186,7 +186,26 @@ pub async fn run(
     ready.store(true, Ordering::Release);
     tracing::info!(gateway = %gateway_id, %endpoint, %subscription, "gateway ready: subscribed to the topic");
 
+    let subscription = Arc::new(std::sync::Mutex::new(subscription));
+    let stop_watch = CancellationToken::new();
+    let watch = tokio::spawn(watch_subscription(
+        Arc::clone(&deps.subscriptions),
+        endpoint.clone(),
+        Arc::clone(&subscription),
+        Duration::from_millis(config.subscription_check_ms),
+        Duration::from_millis(config.subscribe_timeout_ms),
+        Arc::clone(&ready),
+        hub.clone(),
+        stop_watch.clone(),
+    ));
+
     shutdown.await;
+    stop_watch.cancel();
+    let _ = watch.await;
+    let subscription = subscription
+        .lock()
+        .expect("subscription lock poisoned")
+        .clone();
 
     // Drain.
     let started = tokio::time::Instant::now();
@@ -218,4 +237,50 @@ pub async fn run(
     .await;
     tracing::info!(gateway = %gateway_id, elapsed_ms = started.elapsed().as_millis() as u64, "gateway stopped");
     Ok(())
+}
+
+/// Checks every `interval` that the subscription still exists; if it is gone (someone removed
+/// it, or SNS gave up on the endpoint), subscribes again, and since the bus may have lost
+/// messages meanwhile, has every room check its tail. Not ready while re-subscribing.
+#[allow(clippy::too_many_arguments)]
+async fn watch_subscription(
+    subscriptions: Arc<dyn TopicSubscriptions>,
+    endpoint: String,
+    current: Arc<std::sync::Mutex<String>>,
+    interval: Duration,
+    subscribe_timeout: Duration,
+    ready: Arc<AtomicBool>,
+    hub: Hub,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let arn = current.lock().expect("subscription lock poisoned").clone();
+        match subscriptions.state(&arn).await {
+            Ok(bus::SubscriptionState::Gone) => {
+                tracing::warn!(subscription = %arn, "the subscription is gone: subscribing again");
+                ready.store(false, Ordering::Release);
+                let renewed = tokio::select! {
+                    () = stop.cancelled() => return,
+                    renewed = subscribe_and_confirm(subscriptions.as_ref(), &endpoint, subscribe_timeout) => renewed,
+                };
+                match renewed {
+                    Ok(new_arn) => {
+                        tracing::info!(subscription = %new_arn, "subscribed again");
+                        *current.lock().expect("subscription lock poisoned") = new_arn;
+                        ready.store(true, Ordering::Release);
+                        hub.repair_all();
+                    }
+                    Err(e) => {
+                        tracing::error!(error.message = %e, "subscribing again failed: retrying")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error.message = %e, "checking the subscription failed"),
+        }
+    }
 }

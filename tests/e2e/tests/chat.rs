@@ -476,3 +476,65 @@ async fn forged_sns_posts_are_refused_and_reach_no_client() {
         "payloads never reach the log"
     );
 }
+
+#[tokio::test]
+async fn a_gateway_whose_subscription_disappears_subscribes_again_and_loses_nothing() {
+    let mut stack = Stack::start(0).await.unwrap();
+    stack
+        .add_gateway(&["--subscription-check-ms", "200"])
+        .await
+        .unwrap();
+    let lobby = room("lobby");
+    let gateway = &stack.gateways[0];
+    let mut lucy = Client::connect(&gateway.ws("lucy")).await.unwrap();
+    let mut john = Client::connect(&gateway.ws("john")).await.unwrap();
+    joined(&mut lucy, &lobby, None).await;
+    joined(&mut john, &lobby, None).await;
+
+    // Someone removes the gateway's subscription, and a message is sent right then.
+    let sns = aws_sdk_sns::Client::new(&chorus_e2e::aws().await);
+    let subscriptions = |sns: aws_sdk_sns::Client, topic: String| async move {
+        sns.list_subscriptions_by_topic()
+            .topic_arn(topic)
+            .send()
+            .await
+            .unwrap()
+            .subscriptions
+            .unwrap_or_default()
+    };
+    let before = subscriptions(sns.clone(), stack.topic_arn.clone()).await;
+    assert_eq!(before.len(), 1);
+    sns.unsubscribe()
+        .subscription_arn(before[0].subscription_arn.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let id = john.send(&lobby, "while unsubscribed").await.unwrap();
+    acked(&mut john, &id).await;
+
+    // The gateway notices and subscribes again (SNS shows a new subscription).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = subscriptions(sns.clone(), stack.topic_arn.clone()).await;
+        if now.len() == 1 && now[0].subscription_arn != before[0].subscription_arn {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = john.send(&lobby, "after").await.unwrap();
+    acked(&mut john, &id).await;
+
+    let first = next_message(&mut lucy).await;
+    let second = next_message(&mut lucy).await;
+    assert_eq!(
+        [
+            (first.seq, first.body.as_str()),
+            (second.seq, second.body.as_str())
+        ],
+        [(Seq(1), "while unsubscribed"), (Seq(2), "after")]
+    );
+}
