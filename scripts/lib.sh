@@ -5,6 +5,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUN_DIR="$ROOT/.run"
 VENV="$ROOT/.venv"
 MOTO_VERSION="5.2.5"
+CFN_LINT_VERSION="1.58.0"
 EMULATOR_HOST="127.0.0.1"
 EMULATOR_PORT="${CHORUS_EMULATOR_PORT:-4566}"
 mkdir -p "$RUN_DIR"
@@ -24,6 +25,11 @@ ensure_venv() {
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
       || die "pip install moto[server]==$MOTO_VERSION failed"
   fi
+  if ! "$VENV/bin/cfn-lint" --version 2>/dev/null | grep -q "$CFN_LINT_VERSION"; then
+    log "installing cfn-lint==$CFN_LINT_VERSION into .venv"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "cfn-lint==$CFN_LINT_VERSION" \
+      || die "pip install cfn-lint==$CFN_LINT_VERSION failed"
+  fi
 }
 
 # Dummy credentials and region for the emulator; real AWS keeps whatever the caller has.
@@ -32,6 +38,7 @@ use_emulator_env() {
   export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
   export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
   export AWS_REGION="${AWS_REGION:-us-east-1}"
+  export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$AWS_REGION}"
   export AWS_EC2_METADATA_DISABLED=true
 }
 

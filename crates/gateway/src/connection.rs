@@ -207,6 +207,7 @@ async fn handle_text(
             }
             match ctx.hub.join(member, &room, since).await {
                 Ok(_) => {
+                    ctx.metrics.joins.inc();
                     rooms.insert(room);
                 }
                 Err(JoinError::Closed) => {}
@@ -225,6 +226,7 @@ async fn handle_text(
         }
         ClientFrame::Leave { room } => {
             if rooms.remove(&room) {
+                ctx.metrics.leaves.inc();
                 ctx.hub.leave(member.id, &room);
                 reply(member, ServerFrame::Left { room }).await;
             } else {

@@ -184,6 +184,7 @@ pub async fn run(
         }
     };
     ready.store(true, Ordering::Release);
+    chorus_service::systemd::ready();
     tracing::info!(gateway = %gateway_id, %endpoint, %subscription, "gateway ready: subscribed to the topic");
 
     let subscription = Arc::new(std::sync::Mutex::new(subscription));
@@ -211,6 +212,7 @@ pub async fn run(
     let started = tokio::time::Instant::now();
     let grace = config.drain_timeout();
     ready.store(false, Ordering::Release);
+    chorus_service::systemd::stopping();
     tracing::info!(gateway = %gateway_id, "draining: unsubscribing and closing clients");
     chorus_service::with_grace("unsubscribing", grace, async {
         if let Err(e) = deps.subscriptions.unsubscribe(&subscription).await {

@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             },
         },
     };
+    chorus_service::systemd::spawn_watchdog();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -1,6 +1,6 @@
 //! The gateway's Prometheus metrics.
 
-use chorus_service::metrics::{Counter, Exposition, Gauge};
+use chorus_service::metrics::{Counter, Exposition, Gauge, Histogram};
 
 /// Every counter and gauge of one gateway.
 #[derive(Debug, Default)]
@@ -21,13 +21,54 @@ pub struct GatewayMetrics {
     pub bus_events_held: Counter,
     pub bus_events_dropped: Counter,
     pub gap_fills: Counter,
+    pub joins: Counter,
+    pub leaves: Counter,
+    pub bus_events_in: Counter,
+    /// Time to order and queue one SNS notification's events for every local member.
+    pub fanout: Histogram,
+    pub rejected_malformed: Counter,
+    pub rejected_topic: Counter,
+    pub rejected_signature: Counter,
+    pub rejected_payload: Counter,
     pub tail_fills: Counter,
 }
 
 impl GatewayMetrics {
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition; `rooms` is the number of rooms with local members.
+    pub fn render(&self, rooms: usize) -> String {
+        let rooms_gauge = Gauge::default();
+        rooms_gauge.set(i64::try_from(rooms).unwrap_or(i64::MAX));
         Exposition::new()
+            .gauge("chorus_gateway_rooms", "Rooms with at least one local member.", &rooms_gauge)
+            .counter(
+                "chorus_gateway_room_changes_total",
+                "Joins and leaves.",
+                "kind",
+                &[("join", &self.joins), ("leave", &self.leaves)],
+            )
+            .counter(
+                "chorus_gateway_messages_total",
+                "Messages in from the bus (events, before de-duplication) and out to clients (frames queued).",
+                "direction",
+                &[("in", &self.bus_events_in), ("out", &self.delivered)],
+            )
+            .histogram(
+                "chorus_gateway_fanout_seconds",
+                "Time to order and queue one SNS notification's events for every local member.",
+                "",
+                &[("", &self.fanout)],
+            )
+            .counter(
+                "chorus_gateway_bus_rejected_total",
+                "SNS posts refused, by reason.",
+                "reason",
+                &[
+                    ("malformed", &self.rejected_malformed),
+                    ("wrong_topic", &self.rejected_topic),
+                    ("signature", &self.rejected_signature),
+                    ("payload", &self.rejected_payload),
+                ],
+            )
             .gauge(
                 "chorus_gateway_connections",
                 "Open WebSocket connections.",

@@ -55,7 +55,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, chorus_service::metrics::CONTENT_TYPE)],
-        state.metrics.render(),
+        state.metrics.render(state.connection.hub.room_count()),
     )
 }
 
@@ -100,15 +100,20 @@ async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
     };
     let envelope: SnsEnvelope = match serde_json::from_slice(&body) {
         Ok(envelope) => envelope,
-        Err(_) => return reject(StatusCode::BAD_REQUEST, "not an SNS message"),
+        Err(_) => {
+            state.metrics.rejected_malformed.inc();
+            return reject(StatusCode::BAD_REQUEST, "not an SNS message");
+        }
     };
     if envelope.topic_arn != state.config.topic_arn {
+        state.metrics.rejected_topic.inc();
         return reject(StatusCode::FORBIDDEN, "not from the configured topic");
     }
     if let Some(verifier) = &state.verifier
         && let Err(e) = verifier.verify(&envelope).await
     {
         state.metrics.bus_rejected.inc();
+        state.metrics.rejected_signature.inc();
         // The reason, never the payload.
         tracing::warn!(message_id = %envelope.message_id.chars().take(64).collect::<String>(), reason = %e, "SNS post refused: not a genuine message of the topic");
         return plain(StatusCode::FORBIDDEN, "signature verification failed");
@@ -118,14 +123,18 @@ async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
             let payload = match BusPayload::parse(&envelope.message) {
                 Ok(payload) => payload,
                 Err(e) => {
+                    state.metrics.rejected_payload.inc();
                     tracing::warn!(message_id = %envelope.message_id, error.message = %e, "bad bus payload");
                     return reject(StatusCode::BAD_REQUEST, "not a Chorus bus payload");
                 }
             };
             state.metrics.bus_notifications.inc();
+            let started = std::time::Instant::now();
             for event in &payload.events {
+                state.metrics.bus_events_in.inc();
                 state.connection.hub.ingest(event);
             }
+            state.metrics.fanout.observe(started.elapsed());
             plain(StatusCode::OK, "ok")
         }
         "SubscriptionConfirmation" => {
@@ -151,6 +160,9 @@ async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
             tracing::info!(message_id = %envelope.message_id, "unsubscribe confirmed by SNS");
             plain(StatusCode::OK, "ok")
         }
-        _ => reject(StatusCode::BAD_REQUEST, "unknown SNS message type"),
+        _ => {
+            state.metrics.rejected_malformed.inc();
+            reject(StatusCode::BAD_REQUEST, "unknown SNS message type")
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! Prometheus text exposition and AWS configuration. Nothing here knows about chat.
 
 pub mod metrics;
+pub mod systemd;
 
 use std::future::Future;
 

@@ -44,6 +44,40 @@ impl Gauge {
     }
 }
 
+/// Upper bounds of the latency buckets, in seconds: 100 µs to 10 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+
+/// A latency histogram with [`LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Count per bucket (not cumulative), plus one for +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let index = LATENCY_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
 /// Builds one `/metrics` response.
 #[derive(Debug, Default)]
 pub struct Exposition {
@@ -74,6 +108,47 @@ impl Exposition {
         self
     }
 
+    /// A histogram family with one series per `(label value, histogram)`.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: &[(&str, &Histogram)],
+    ) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (value, histogram) in series {
+            let prefix = if label.is_empty() {
+                String::new()
+            } else {
+                format!("{label}=\"{value}\",")
+            };
+            let mut cumulative = 0;
+            for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += histogram.buckets[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    self.out,
+                    "{name}_bucket{{{prefix}le=\"{le}\"}} {cumulative}"
+                );
+            }
+            cumulative += histogram.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(
+                self.out,
+                "{name}_bucket{{{prefix}le=\"+Inf\"}} {cumulative}"
+            );
+            let labels = prefix.trim_end_matches(',');
+            let braces = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{labels}}}")
+            };
+            let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(self.out, "{name}_sum{braces} {sum}");
+            let _ = writeln!(self.out, "{name}_count{braces} {}", histogram.count());
+        }
+        self
+    }
+
     /// A gauge with no labels.
     pub fn gauge(&mut self, name: &str, help: &str, gauge: &Gauge) -> &mut Self {
         let _ = writeln!(
@@ -92,6 +167,41 @@ impl Exposition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let h = Histogram::default();
+        h.observe(std::time::Duration::from_micros(50));
+        h.observe(std::time::Duration::from_millis(3));
+        h.observe(std::time::Duration::from_secs(60));
+        let text = Exposition::new()
+            .histogram("lat_seconds", "Latency.", "route", &[("send", &h)])
+            .finish();
+        assert!(
+            text.contains("lat_seconds_bucket{route=\"send\",le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{route=\"send\",le=\"0.005\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{route=\"send\",le=\"10\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{route=\"send\",le=\"+Inf\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_count{route=\"send\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_sum{route=\"send\"} 60.00305\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_prometheus_text() {

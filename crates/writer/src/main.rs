@@ -32,9 +32,14 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
-            chorus_writer::run(listener, Arc::new(store), chorus_service::shutdown_signal())
-                .await
-                .context("serving")?;
+            chorus_service::systemd::spawn_watchdog();
+            chorus_service::systemd::ready();
+            chorus_writer::run(listener, Arc::new(store), async {
+                chorus_service::shutdown_signal().await;
+                chorus_service::systemd::stopping();
+            })
+            .await
+            .context("serving")?;
             tracing::info!("writer stopped");
             Ok(())
         }

@@ -20,10 +20,10 @@ use chorus_protocol::api::{
     DEFAULT_HISTORY_LIMIT, HistoryPage, MAX_HISTORY_LIMIT, SendRequest, SendResponse,
 };
 use chorus_protocol::{RoomId, Seq};
-use chorus_service::metrics::{self, Counter, Exposition};
+use chorus_service::metrics::{self, Counter, Exposition, Histogram};
 
 use crate::error::ApiError;
-use crate::store::{MessageStore, NewMessage};
+use crate::store::{MessageStore, NewMessage, StoreError};
 
 /// Largest request body accepted: a send with the largest body, JSON-escaped, and its envelope.
 const MAX_REQUEST_BYTES: usize = 128 * 1024;
@@ -42,6 +42,10 @@ pub(crate) struct WriterMetrics {
     rejected: Counter,
     failed: Counter,
     history: Counter,
+    send_latency: Histogram,
+    history_latency: Histogram,
+    store_contention: Counter,
+    store_unavailable: Counter,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -63,6 +67,7 @@ async fn send(
     Path(room): Path<String>,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
+    let started = std::time::Instant::now();
     let result = async {
         let room = parse_room(room)?;
         let request: SendRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -80,6 +85,7 @@ async fn send(
         Ok::<_, ApiError>(appended)
     }
     .await;
+    state.metrics.send_latency.observe(started.elapsed());
     match result {
         Ok(appended) => {
             let status = if appended.duplicate {
@@ -98,7 +104,13 @@ async fn send(
         Err(err) => {
             match err {
                 ApiError::BadRequest { .. } | ApiError::NotFound => state.metrics.rejected.inc(),
-                ApiError::Store(_) => state.metrics.failed.inc(),
+                ApiError::Store(ref e) => {
+                    state.metrics.failed.inc();
+                    match e {
+                        StoreError::Contention { .. } => state.metrics.store_contention.inc(),
+                        StoreError::Unexpected(_) => state.metrics.store_unavailable.inc(),
+                    }
+                }
             }
             Err(err)
         }
@@ -136,7 +148,13 @@ async fn history(
             })?,
     };
     state.metrics.history.inc();
-    Ok(Json(state.store.history(&room, after, limit).await?))
+    let started = std::time::Instant::now();
+    let page = state.store.history(&room, after, limit).await;
+    state.metrics.history_latency.observe(started.elapsed());
+    if let Err(StoreError::Unexpected(_)) = &page {
+        state.metrics.store_unavailable.inc();
+    }
+    Ok(Json(page?))
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -158,6 +176,18 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
             "History pages served.",
             "",
             &[("", &m.history)],
+        )
+        .histogram(
+            "chorus_writer_request_seconds",
+            "Writer request latency, including DynamoDB.",
+            "route",
+            &[("send", &m.send_latency), ("history", &m.history_latency)],
+        )
+        .counter(
+            "chorus_writer_store_errors_total",
+            "DynamoDB failures by kind: contention (a room's seq race not resolved), unavailable (errors, throttling, timeouts).",
+            "kind",
+            &[("contention", &m.store_contention), ("unavailable", &m.store_unavailable)],
         )
         .finish();
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
