@@ -53,6 +53,30 @@ pub struct Service {
     log: PathBuf,
 }
 
+/// The command for a service binary with JSON logs, and where its log goes.
+fn service_command(
+    name: &str,
+    bin: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(Command, PathBuf)> {
+    let log_dir = bin_dir().join("e2e-logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let log = log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+    let mut command = Command::new(binary(bin));
+    command
+        .args(args)
+        .env("CHORUS_LOG_FORMAT", "json")
+        .env("CHORUS_LOG", "info,chorus_gateway=debug")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    Ok((command, log))
+}
+
 impl Service {
     /// Starts `bin args…` with JSON logs and waits until it logs its listening address.
     ///
@@ -64,21 +88,8 @@ impl Service {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
-        let log_dir = bin_dir().join("e2e-logs");
-        std::fs::create_dir_all(&log_dir)?;
-        let log = log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut command = Command::new(binary(bin));
-        command
-            .args(args)
-            .env("CHORUS_LOG_FORMAT", "json")
-            .env("CHORUS_LOG", "info,chorus_gateway=debug")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            command.env(k, v);
-        }
+        let (mut command, log) = service_command(name, bin, args, envs)?;
+        command.stderr(Stdio::piped());
         let mut child = command.spawn().with_context(|| format!("starting {bin}"))?;
         let stderr = child.stderr.take().expect("piped stderr");
         let (addr_tx, addr_rx) = mpsc::channel::<SocketAddr>();
@@ -136,20 +147,8 @@ impl Service {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
-        let log_dir = bin_dir().join("e2e-logs");
-        std::fs::create_dir_all(&log_dir)?;
-        let log = log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut command = Command::new(binary(bin));
-        command
-            .args(args)
-            .env("CHORUS_LOG_FORMAT", "json")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        for (k, v) in envs {
-            command.env(k, v);
-        }
+        let (mut command, log) = service_command(name, bin, args, envs)?;
+        command.stderr(std::fs::File::create(&log)?);
         let child = command.spawn().with_context(|| format!("starting {bin}"))?;
         Ok(Service {
             name: name.to_owned(),

@@ -8,6 +8,10 @@ use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
 
 const WAIT: Duration = Duration::from_secs(10);
 
+async fn connect(gateway: &chorus_e2e::Service, user: &str) -> Client {
+    Client::connect(&gateway.ws(user)).await.unwrap()
+}
+
 fn room(name: &str) -> RoomId {
     RoomId::parse(name).unwrap()
 }
@@ -55,12 +59,8 @@ async fn acked(client: &mut Client, id: &str) -> Seq {
 async fn john_on_a_and_lucy_on_b_hear_each_other_once_and_in_order() {
     let stack = Stack::start(2).await.unwrap();
     let lobby = room("lobby");
-    let mut john = Client::connect(&stack.gateways[0].ws("john"))
-        .await
-        .unwrap();
-    let mut lucy = Client::connect(&stack.gateways[1].ws("lucy"))
-        .await
-        .unwrap();
+    let mut john = connect(&stack.gateways[0], "john").await;
+    let mut lucy = connect(&stack.gateways[1], "lucy").await;
     assert_eq!(joined(&mut john, &lobby, None).await.0, Seq(0));
     assert_eq!(joined(&mut lucy, &lobby, None).await.0, Seq(0));
 
@@ -142,8 +142,8 @@ fn message_seqs(frames: &[ServerFrame]) -> Vec<u64> {
 async fn a_member_of_one_room_never_sees_another_rooms_messages() {
     let stack = Stack::start(2).await.unwrap();
     let (x, y) = (room("x"), room("y"));
-    let mut only_x = Client::connect(&stack.gateways[0].ws("ann")).await.unwrap();
-    let mut sender = Client::connect(&stack.gateways[1].ws("bob")).await.unwrap();
+    let mut only_x = connect(&stack.gateways[0], "ann").await;
+    let mut sender = connect(&stack.gateways[1], "bob").await;
     joined(&mut only_x, &x, None).await;
     joined(&mut sender, &x, None).await;
     joined(&mut sender, &y, None).await;
@@ -170,7 +170,7 @@ async fn a_member_of_one_room_never_sees_another_rooms_messages() {
 async fn invalid_frames_get_an_error_and_the_connection_stays_usable() {
     let stack = Stack::start(1).await.unwrap();
     let lobby = room("lobby");
-    let mut client = Client::connect(&stack.gateways[0].ws("eve")).await.unwrap();
+    let mut client = connect(&stack.gateways[0], "eve").await;
 
     let cases = [
         ("not json", ErrorCode::BadFrame, None),
@@ -234,18 +234,14 @@ async fn invalid_frames_get_an_error_and_the_connection_stays_usable() {
 async fn resume_with_since_on_another_gateway_replays_then_goes_live_without_gap_or_duplicate() {
     let stack = Stack::start(2).await.unwrap();
     let lobby = room("lobby");
-    let mut john = Client::connect(&stack.gateways[0].ws("john"))
-        .await
-        .unwrap();
+    let mut john = connect(&stack.gateways[0], "john").await;
     joined(&mut john, &lobby, None).await;
     for i in 1..=5 {
         let id = john.send(&lobby, &format!("m{i}")).await.unwrap();
         acked(&mut john, &id).await;
     }
 
-    let mut lucy = Client::connect(&stack.gateways[1].ws("lucy"))
-        .await
-        .unwrap();
+    let mut lucy = connect(&stack.gateways[1], "lucy").await;
     let (head, replay) = joined(&mut lucy, &lobby, Some(Seq(2))).await;
     assert_eq!(head, Seq(5));
     let replayed: Vec<(u64, String)> = replay
@@ -270,8 +266,8 @@ async fn resume_with_since_on_another_gateway_replays_then_goes_live_without_gap
 async fn a_draining_gateway_closes_clients_with_the_resume_code_and_unsubscribes() {
     let mut stack = Stack::start(2).await.unwrap();
     let lobby = room("lobby");
-    let mut on_a = Client::connect(&stack.gateways[0].ws("ann")).await.unwrap();
-    let mut on_b = Client::connect(&stack.gateways[1].ws("bob")).await.unwrap();
+    let mut on_a = connect(&stack.gateways[0], "ann").await;
+    let mut on_b = connect(&stack.gateways[1], "bob").await;
     joined(&mut on_a, &lobby, None).await;
     joined(&mut on_b, &lobby, None).await;
 
@@ -297,7 +293,7 @@ async fn a_draining_gateway_closes_clients_with_the_resume_code_and_unsubscribes
     );
 
     // And the client resumes on B with what it had.
-    let mut resumed = Client::connect(&stack.gateways[1].ws("ann")).await.unwrap();
+    let mut resumed = connect(&stack.gateways[1], "ann").await;
     let (head, replay) = joined(&mut resumed, &lobby, Some(Seq(0))).await;
     assert_eq!(head, Seq(1));
     assert_eq!(replay.len(), 1);
@@ -315,12 +311,8 @@ async fn connecting_without_a_user_in_dev_mode_is_refused_with_a_reason() {
 async fn a_send_retried_with_the_same_id_is_stored_and_delivered_once() {
     let stack = Stack::start(2).await.unwrap();
     let lobby = room("lobby");
-    let mut john = Client::connect(&stack.gateways[0].ws("john"))
-        .await
-        .unwrap();
-    let mut lucy = Client::connect(&stack.gateways[1].ws("lucy"))
-        .await
-        .unwrap();
+    let mut john = connect(&stack.gateways[0], "john").await;
+    let mut lucy = connect(&stack.gateways[1], "lucy").await;
     joined(&mut john, &lobby, None).await;
     joined(&mut lucy, &lobby, None).await;
 
@@ -328,9 +320,7 @@ async fn a_send_retried_with_the_same_id_is_stored_and_delivered_once() {
     john.send_raw(send).await.unwrap();
     let first = acked(&mut john, "retry-1").await;
     // The retry comes on another connection, as after a reconnect.
-    let mut john_again = Client::connect(&stack.gateways[1].ws("john"))
-        .await
-        .unwrap();
+    let mut john_again = connect(&stack.gateways[1], "john").await;
     joined(&mut john_again, &lobby, Some(first)).await;
     john_again.send_raw(send).await.unwrap();
     assert_eq!(acked(&mut john_again, "retry-1").await, first);
@@ -397,7 +387,7 @@ async fn forged_sns_posts_are_refused_and_reach_no_client() {
     let stack = Stack::start(1).await.unwrap();
     let lobby = room("lobby");
     let gateway = &stack.gateways[0];
-    let mut lucy = Client::connect(&gateway.ws("lucy")).await.unwrap();
+    let mut lucy = connect(gateway, "lucy").await;
     joined(&mut lucy, &lobby, None).await;
 
     let forged_payload = serde_json::json!({"v": 1, "events": [{
@@ -449,7 +439,7 @@ async fn forged_sns_posts_are_refused_and_reach_no_client() {
     }
 
     // The real first message of the room is the first thing Lucy sees.
-    let mut john = Client::connect(&gateway.ws("john")).await.unwrap();
+    let mut john = connect(gateway, "john").await;
     joined(&mut john, &lobby, None).await;
     let id = john.send(&lobby, "the real one").await.unwrap();
     acked(&mut john, &id).await;
@@ -486,8 +476,8 @@ async fn a_gateway_whose_subscription_disappears_subscribes_again_and_loses_noth
         .unwrap();
     let lobby = room("lobby");
     let gateway = &stack.gateways[0];
-    let mut lucy = Client::connect(&gateway.ws("lucy")).await.unwrap();
-    let mut john = Client::connect(&gateway.ws("john")).await.unwrap();
+    let mut lucy = connect(gateway, "lucy").await;
+    let mut john = connect(gateway, "john").await;
     joined(&mut lucy, &lobby, None).await;
     joined(&mut john, &lobby, None).await;
 
@@ -537,4 +527,61 @@ async fn a_gateway_whose_subscription_disappears_subscribes_again_and_loses_noth
         ],
         [(Seq(1), "while unsubscribed"), (Seq(2), "after")]
     );
+}
+
+#[tokio::test]
+async fn every_service_serves_its_named_metric_series() {
+    let stack = Stack::start(1).await.unwrap();
+    let lobby = room("lobby");
+    let mut john = connect(&stack.gateways[0], "john").await;
+    joined(&mut john, &lobby, None).await;
+    let id = john.send(&lobby, "measured").await.unwrap();
+    acked(&mut john, &id).await;
+    next_message(&mut john).await;
+
+    let http = reqwest::Client::new();
+    let gateway = http
+        .get(format!("{}/metrics", stack.gateways[0].http()))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        gateway.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let gateway = gateway.text().await.unwrap();
+    for series in [
+        "chorus_gateway_connections 1",
+        "chorus_gateway_rooms 1",
+        "chorus_gateway_room_changes_total{kind=\"join\"} 1",
+        "chorus_gateway_messages_total{direction=\"in\"} 1",
+        "chorus_gateway_messages_total{direction=\"out\"} 1",
+        "chorus_gateway_fanout_seconds_count 1",
+        "chorus_gateway_slow_consumers_total 0",
+        "chorus_gateway_bus_notifications_total{result=\"accepted\"} 1",
+        "chorus_gateway_bus_rejected_total{reason=\"signature\"} 0",
+        "chorus_gateway_sends_total{result=\"acked\"} 1",
+    ] {
+        assert!(
+            gateway.contains(series),
+            "gateway lacks {series}:\n{gateway}"
+        );
+    }
+    let writer = http
+        .get(format!("{}/metrics", stack.writer.http()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "chorus_writer_sends_total{result=\"stored\"} 1",
+        "chorus_writer_request_seconds_count{route=\"send\"} 1",
+        "chorus_writer_store_errors_total{kind=\"unavailable\"} 0",
+    ] {
+        assert!(writer.contains(series), "writer lacks {series}:\n{writer}");
+    }
 }
