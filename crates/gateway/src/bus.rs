@@ -35,6 +35,24 @@ pub struct SnsEnvelope {
     pub signing_cert_url: Option<String>,
 }
 
+/// Where SNS delivers to this gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST <url>` (the gateway's `/sns`).
+    Http(String),
+    /// The gateway's own SQS queue (for gateways SNS cannot reach over HTTP).
+    Queue { arn: String },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Http(url) => f.write_str(url),
+            Endpoint::Queue { arn } => f.write_str(arn),
+        }
+    }
+}
+
 /// Where a subscription stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscriptionState {
@@ -54,8 +72,8 @@ pub struct BusError(pub String);
 /// The subscription calls the gateway makes on the topic. Behind a trait for tests.
 #[async_trait::async_trait]
 pub trait TopicSubscriptions: Send + Sync + 'static {
-    /// Subscribes `endpoint` (http or https URL) and returns the subscription ARN.
-    async fn subscribe(&self, endpoint: &str) -> Result<String, BusError>;
+    /// Subscribes `endpoint` and returns the subscription ARN.
+    async fn subscribe(&self, endpoint: &Endpoint) -> Result<String, BusError>;
     /// Where the subscription stands.
     async fn state(&self, subscription_arn: &str) -> Result<SubscriptionState, BusError>;
     /// Confirms a subscription with the token SNS posted.
@@ -86,22 +104,25 @@ fn sns_error<E: std::error::Error + 'static>(what: &str) -> impl FnOnce(E) -> Bu
 
 #[async_trait::async_trait]
 impl TopicSubscriptions for SnsSubscriptions {
-    async fn subscribe(&self, endpoint: &str) -> Result<String, BusError> {
-        let protocol = if endpoint.starts_with("https://") {
-            "https"
-        } else {
-            "http"
-        };
-        let out = self
+    async fn subscribe(&self, endpoint: &Endpoint) -> Result<String, BusError> {
+        let request = self
             .client
             .subscribe()
             .topic_arn(&self.topic_arn)
-            .protocol(protocol)
-            .endpoint(endpoint)
-            .return_subscription_arn(true)
-            .send()
-            .await
-            .map_err(sns_error("Subscribe"))?;
+            .return_subscription_arn(true);
+        let request = match endpoint {
+            Endpoint::Http(url) if url.starts_with("https://") => {
+                request.protocol("https").endpoint(url)
+            }
+            Endpoint::Http(url) => request.protocol("http").endpoint(url),
+            // Raw delivery: the queue receives the bus payload itself; the queue policy admits
+            // only the topic.
+            Endpoint::Queue { arn } => request
+                .protocol("sqs")
+                .endpoint(arn)
+                .attributes("RawMessageDelivery", "true"),
+        };
+        let out = request.send().await.map_err(sns_error("Subscribe"))?;
         out.subscription_arn
             .ok_or_else(|| BusError("Subscribe returned no subscription ARN".into()))
     }
@@ -164,7 +185,7 @@ impl TopicSubscriptions for SnsSubscriptions {
 /// When subscribing fails or confirmation does not come within `timeout`.
 pub async fn subscribe_and_confirm(
     subscriptions: &dyn TopicSubscriptions,
-    endpoint: &str,
+    endpoint: &Endpoint,
     timeout: Duration,
 ) -> Result<String, BusError> {
     let arn = subscriptions.subscribe(endpoint).await?;

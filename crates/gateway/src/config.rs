@@ -49,6 +49,23 @@ pub struct Config {
     /// SNS topic to subscribe to; only its notifications are accepted.
     #[arg(long, env = "CHORUS_TOPIC_ARN")]
     pub topic_arn: String,
+    /// How SNS reaches this gateway: `http` posts to `<public-url>/sns`; `sqs` gives the gateway
+    /// its own queue (for private subnets, which SNS cannot reach over HTTP).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_BUS",
+        value_enum,
+        default_value = "http"
+    )]
+    pub bus: BusKind,
+    /// With `--bus sqs`: the queue's name (default `chorus-gw-<gateway id>-<random>`).
+    #[arg(long, global = true, env = "CHORUS_SQS_QUEUE_NAME")]
+    pub sqs_queue_name: Option<String>,
+    /// With `--bus sqs`: long-poll wait, in seconds (1–20).
+    #[arg(long, global = true, env = "CHORUS_SQS_WAIT_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub sqs_wait_secs: u64,
     /// URL at which SNS reaches this gateway (the subscription endpoint is `<public-url>/sns`).
     /// Defaults to `http://<listen>`.
     #[arg(long, global = true, env = "CHORUS_PUBLIC_URL")]
@@ -129,6 +146,13 @@ pub struct Config {
     pub max_rooms_per_connection: usize,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// The transport from SNS to this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusKind {
+    Http,
+    Sqs,
 }
 
 /// A setting that makes no sense.

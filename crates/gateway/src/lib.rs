@@ -17,6 +17,7 @@ pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod ordering;
+pub mod queue;
 mod routes;
 pub mod verify;
 
@@ -29,12 +30,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{TopicSubscriptions, subscribe_and_confirm};
+use crate::bus::{Endpoint, TopicSubscriptions, subscribe_and_confirm};
+use crate::config::BusKind;
 pub use crate::config::{Config, ConfigError};
 use crate::connection::{ConnectionContext, ConnectionSettings};
 use crate::hub::{Hub, HubSettings};
 use crate::log::MessageLog;
 use crate::metrics::GatewayMetrics;
+use crate::queue::GatewayQueue;
 use crate::verify::{CertSource, Verifier};
 
 /// The gateway's external effects, built once at start-up.
@@ -43,6 +46,8 @@ pub struct Deps {
     pub subscriptions: Arc<dyn TopicSubscriptions>,
     /// Where SNS signing certificates come from (unused with verification off).
     pub certs: CertSource,
+    /// SQS, for `--bus sqs`.
+    pub sqs: Option<aws_sdk_sqs::Client>,
 }
 
 /// Why the gateway stopped abnormally.
@@ -145,7 +150,7 @@ pub async fn run(
         },
         subscriptions: Arc::clone(&deps.subscriptions),
         verifier,
-        metrics,
+        metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
         connections: connections.clone(),
         config: Arc::new(config),
@@ -161,7 +166,32 @@ pub async fn run(
     );
     tracing::info!(gateway = %gateway_id, addr = %bound, "gateway listening");
 
-    let endpoint = config.sns_endpoint(bound);
+    let (endpoint, queue) = match config.bus {
+        BusKind::Http => (Endpoint::Http(config.sns_endpoint(bound)), None),
+        BusKind::Sqs => {
+            let Some(sqs) = deps.sqs.clone() else {
+                return Err(ConfigError::Invalid("--bus sqs needs an SQS client".into()).into());
+            };
+            let name = config
+                .sqs_queue_name
+                .clone()
+                .unwrap_or_else(|| queue::queue_name(&gateway_id));
+            let queue = match GatewayQueue::create(sqs, &name, &config.topic_arn).await {
+                Ok(queue) => queue,
+                Err(e) => {
+                    stop_server.cancel();
+                    let _ = server.await;
+                    return Err(e.into());
+                }
+            };
+            (
+                Endpoint::Queue {
+                    arn: queue.arn.clone(),
+                },
+                Some(queue),
+            )
+        }
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     let subscription = tokio::select! {
         result = subscribe_and_confirm(
@@ -171,6 +201,9 @@ pub async fn run(
         ) => match result {
             Ok(arn) => arn,
             Err(e) => {
+                if let Some(queue) = &queue {
+                    queue.delete().await;
+                }
                 stop_server.cancel();
                 let _ = server.await;
                 return Err(e.into());
@@ -178,11 +211,20 @@ pub async fn run(
         },
         () = &mut shutdown => {
             tracing::info!(gateway = %gateway_id, "shut down before the subscription was confirmed");
+            if let Some(queue) = &queue {
+                queue.delete().await;
+            }
             stop_server.cancel();
             let _ = server.await;
             return Ok(());
         }
     };
+    let stop_receiving = CancellationToken::new();
+    let receiver = queue.clone().map(|queue| {
+        let (hub, metrics, stop) = (hub.clone(), Arc::clone(&metrics), stop_receiving.clone());
+        let wait = Duration::from_secs(config.sqs_wait_secs);
+        tokio::spawn(async move { queue.receive(hub, metrics, wait, stop).await })
+    });
     ready.store(true, Ordering::Release);
     chorus_service::systemd::ready();
     tracing::info!(gateway = %gateway_id, %endpoint, %subscription, "gateway ready: subscribed to the topic");
@@ -220,6 +262,13 @@ pub async fn run(
         }
     })
     .await;
+    stop_receiving.cancel();
+    if let Some(receiver) = receiver {
+        let _ = receiver.await;
+    }
+    if let Some(queue) = &queue {
+        queue.delete().await;
+    }
     drain.cancel();
     connections.close();
     chorus_service::with_grace(
@@ -247,7 +296,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn watch_subscription(
     subscriptions: Arc<dyn TopicSubscriptions>,
-    endpoint: String,
+    endpoint: Endpoint,
     current: Arc<std::sync::Mutex<String>>,
     interval: Duration,
     subscribe_timeout: Duration,

@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
             .context("building the writer client")?,
         ),
         subscriptions: Arc::new(SnsSubscriptions::new(sns, &config.topic_arn)),
+        sqs: Some(aws_sdk_sqs::Client::new(&aws)),
         certs: match &config.sns_cert_mirror {
             None => CertSource::Aws,
             Some(base) => CertSource::Mirror {

@@ -585,3 +585,74 @@ async fn every_service_serves_its_named_metric_series() {
         assert!(writer.contains(series), "writer lacks {series}:\n{writer}");
     }
 }
+
+#[tokio::test]
+async fn a_gateway_on_the_sqs_transport_chats_with_one_on_http_and_cleans_up_on_drain() {
+    let mut stack = Stack::start(1).await.unwrap();
+    stack
+        .add_gateway(&["--bus", "sqs", "--sqs-wait-secs", "1"])
+        .await
+        .unwrap();
+    let lobby = room("lobby");
+    let mut john = connect(&stack.gateways[0], "john").await;
+    let mut lucy = connect(&stack.gateways[1], "lucy").await;
+    joined(&mut john, &lobby, None).await;
+    joined(&mut lucy, &lobby, None).await;
+
+    let id = john.send(&lobby, "over http, into a queue").await.unwrap();
+    acked(&mut john, &id).await;
+    let heard = next_message(&mut lucy).await;
+    assert_eq!(
+        (heard.seq, heard.body.as_str()),
+        (Seq(1), "over http, into a queue")
+    );
+    let id = lucy.send(&lobby, "and back").await.unwrap();
+    acked(&mut lucy, &id).await;
+    let (_, before) = john
+        .wait_for(
+            WAIT,
+            "Lucy's reply",
+            |f| matches!(f, ServerFrame::Message(m) if m.seq == Seq(2)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(message_seqs(&before), [1]);
+
+    // Drained, the SQS gateway removes its subscription and its queue.
+    let aws = chorus_e2e::aws().await;
+    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let queues = |prefix: &'static str| {
+        let sqs = sqs.clone();
+        async move {
+            sqs.list_queues()
+                .queue_name_prefix(prefix)
+                .send()
+                .await
+                .unwrap()
+                .queue_urls
+                .unwrap_or_default()
+        }
+    };
+    let gateway_queues_before = queues("chorus-gw-").await.len();
+    assert!(gateway_queues_before >= 1);
+    let status = stack.gateways[1]
+        .terminate(Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(queues("chorus-gw-").await.len(), gateway_queues_before - 1);
+    let sns = aws_sdk_sns::Client::new(&aws);
+    let subscriptions = sns
+        .list_subscriptions_by_topic()
+        .topic_arn(&stack.topic_arn)
+        .send()
+        .await
+        .unwrap()
+        .subscriptions
+        .unwrap_or_default();
+    assert!(
+        subscriptions
+            .iter()
+            .all(|s| s.protocol.as_deref() != Some("sqs")),
+        "{subscriptions:?}"
+    );
+}
