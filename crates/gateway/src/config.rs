@@ -70,7 +70,11 @@ pub struct Config {
     /// Defaults to `http://<listen>`.
     #[arg(long, global = true, env = "CHORUS_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// Name shown in logs and metrics; defaults to the listen address.
+    /// WebSocket URLs the chat page at `/` falls back to, in turn, when this gateway drops it
+    /// (comma-separated). Behind a load balancer none are needed: the page reconnects to its origin.
+    #[arg(long, global = true, env = "CHORUS_WEB_FALLBACKS", value_delimiter = ',')]
+    pub web_fallback: Vec<String>,
+    /// Name shown in logs, metrics and the chat page; defaults to the listen address.
     #[arg(long, global = true, env = "CHORUS_GATEWAY_ID")]
     pub gateway_id: Option<String>,
     /// Accept SNS posts without checking their signature. Never in production: anyone who can

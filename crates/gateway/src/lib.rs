@@ -73,6 +73,8 @@ pub(crate) struct AppState {
     pub(crate) verifier: Option<Verifier>,
     pub(crate) metrics: Arc<GatewayMetrics>,
     pub(crate) ready: Arc<AtomicBool>,
+    /// The chat page, rendered once.
+    pub(crate) page: Arc<str>,
     pub(crate) connections: TaskTracker,
 }
 
@@ -152,6 +154,7 @@ pub async fn run(
         verifier,
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
+        page: routes::chat_page(&gateway_id, &config.web_fallback).into(),
         connections: connections.clone(),
         config: Arc::new(config),
     };

@@ -24,8 +24,36 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Per-connection write buffer before a flush.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
+/// The chat page, with this gateway's id and fallback URLs filled in.
+pub(crate) fn chat_page(gateway_id: &str, fallbacks: &[String]) -> String {
+    const PAGE: &str = include_str!("../static/index.html");
+    const SLOT: &str = r#"/*CHORUS_CONFIG*/{"gateway":"?","fallbacks":[]}/*END*/"#;
+    // JSON inside a <script>: escape '<' so no value can close the element.
+    let config = serde_json::json!({"gateway": gateway_id, "fallbacks": fallbacks})
+        .to_string()
+        .replace('<', "\\u003c");
+    PAGE.replacen(SLOT, &config, 1)
+}
+
+async fn page(State(state): State<AppState>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'",
+            ),
+        ],
+        state.page.to_string(),
+    )
+        .into_response()
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/ws", get(websocket))
         .route(
             "/sns",
