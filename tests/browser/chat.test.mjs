@@ -1,0 +1,90 @@
+// The chat page as a person uses it: two windows on two gateways, in real headless Chromium
+// (Debian's /usr/bin/chromium, driven by playwright-core; no browser download). Run by
+// scripts/browser-test against the stack of scripts/dev.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { chromium } from "playwright-core";
+
+const A = process.env.CHORUS_PAGE_A ?? "http://127.0.0.1:8081/";
+const B = process.env.CHORUS_PAGE_B ?? "http://127.0.0.1:8082/";
+const gatewayAPid = Number(process.env.CHORUS_GATEWAY_A_PID);
+const artifacts = process.env.CHORUS_ARTIFACTS ?? "artifacts";
+const room = `browser-${Date.now()}`;
+const WAIT = { timeout: 15000 };
+
+async function open(browser, url) {
+  // Phone-sized, as many evaluators will try it.
+  const context = await browser.newContext({ viewport: { width: 390, height: 720 } });
+  const page = await context.newPage();
+  page.on("pageerror", (error) => { console.error(`[${url}] page error: ${error}`); });
+  page.on("console", (message) => console.error(`[${url}] console: ${message.text()}`));
+  await page.goto(url);
+  return page;
+}
+
+async function join(page, name) {
+  await page.fill("#room", room);
+  await page.fill("#name", name);
+  await page.click("#join-button");
+  await page.waitForSelector('#status[data-state="live"]', WAIT);
+}
+
+async function say(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+}
+
+async function sees(page, text) {
+  await page.waitForSelector(`#messages li:has-text(${JSON.stringify(text)})`, WAIT);
+}
+
+/** [seq, text] of every message on the page, in screen order. */
+async function transcript(page) {
+  return page.$$eval("#messages li", (items) =>
+    items.map((li) => [Number(li.dataset.seq), li.children[1].textContent]));
+}
+
+test("two windows on two gateways chat, and a drained gateway's window resumes elsewhere", async () => {
+  assert.ok(gatewayAPid > 0, "CHORUS_GATEWAY_A_PID must name gateway A's process");
+  mkdirSync(artifacts, { recursive: true });
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+      "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"],
+  });
+  try {
+    const john = await open(browser, A);
+    const lucy = await open(browser, B);
+    assert.equal(await john.textContent("#gateway"), "gateway-a");
+    assert.equal(await lucy.textContent("#gateway"), "gateway-b");
+    await join(john, "john");
+    await join(lucy, "lucy");
+
+    await say(john, "Hello world");
+    await sees(lucy, "Hello world");
+    await say(lucy, "Hi John");
+    await sees(john, "Hi John");
+    await john.screenshot({ path: `${artifacts}/browser-john-gateway-a.png` });
+    await lucy.screenshot({ path: `${artifacts}/browser-lucy-gateway-b.png` });
+
+    // Gateway A drains: John's window is told, reconnects to B and resumes.
+    process.kill(gatewayAPid, "SIGTERM");
+    await john.waitForSelector('#status:not([data-state="live"])', WAIT);
+    await john.waitForSelector('#status[data-state="live"]', WAIT);
+    assert.equal(await john.textContent("#gateway"), new URL(B).host, "John's window says where it moved");
+    await say(lucy, "after the drain");
+    await sees(john, "after the drain");
+    await say(john, "John is back");
+    await sees(lucy, "John is back");
+
+    const expected = [[1, "Hello world"], [2, "Hi John"], [3, "after the drain"], [4, "John is back"]];
+    assert.deepEqual(await transcript(john), expected, "John sees every message once, in order");
+    assert.deepEqual(await transcript(lucy), expected, "Lucy sees every message once, in order");
+    await john.screenshot({ path: `${artifacts}/browser-john-after-drain.png` });
+    await lucy.screenshot({ path: `${artifacts}/browser-lucy-after-drain.png` });
+  } finally {
+    await browser.close();
+  }
+});
