@@ -72,7 +72,12 @@ pub struct Config {
     pub public_url: Option<String>,
     /// WebSocket URLs the chat page at `/` falls back to, in turn, when this gateway drops it
     /// (comma-separated). Behind a load balancer none are needed: the page reconnects to its origin.
-    #[arg(long, global = true, env = "CHORUS_WEB_FALLBACKS", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_WEB_FALLBACKS",
+        value_delimiter = ','
+    )]
     pub web_fallback: Vec<String>,
     /// Name shown in logs, metrics and the chat page; defaults to the listen address.
     #[arg(long, global = true, env = "CHORUS_GATEWAY_ID")]

@@ -1,8 +1,8 @@
-//! SNS signature verification with a certificate made for the test (tests/fixtures, a throwaway
-//! self-signed RSA key, never used anywhere else), served on loopback the way a mirror serves it.
+//! SNS signature verification with a key and certificate generated for this test run (by the
+//! `openssl` command line, into a temporary folder), served on loopback the way a mirror serves it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,15 +17,45 @@ use rsa::signature::{SignatureEncoding as _, Signer as _};
 const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:chorus";
 const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
 
-/// Serves the fixture certificate and counts fetches.
+/// A fresh RSA key and self-signed certificate, as PEM: (key, certificate).
+fn generated_key_and_cert() -> &'static (String, String) {
+    static PAIR: OnceLock<(String, String)> = OnceLock::new();
+    PAIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("chorus-sns-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=sns.test.invalid", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl command line generates the test certificate: install openssl");
+        assert!(status.success(), "openssl failed");
+        let pair = (
+            std::fs::read_to_string(&key).unwrap(),
+            std::fs::read_to_string(&cert).unwrap(),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        pair
+    })
+}
+
+/// Serves the generated certificate and counts fetches.
 async fn cert_server() -> (String, Arc<AtomicUsize>) {
     let fetches = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&fetches);
+    let cert = generated_key_and_cert().1.clone();
     let app = Router::new().route(
         "/SimpleNotificationService-test.pem",
         get(move || {
             counter.fetch_add(1, Ordering::Relaxed);
-            async { include_str!("fixtures/test-signing-cert.pem") }
+            let cert = cert.clone();
+            async move { cert }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,8 +101,7 @@ fn notification(message: &str) -> SnsEnvelope {
 /// Signs as SNS does: over the string to sign, with SHA1 (v1) or SHA256 (v2).
 fn sign(mut envelope: SnsEnvelope, version: &str) -> SnsEnvelope {
     envelope.signature_version = Some(version.to_owned());
-    let key =
-        rsa::RsaPrivateKey::from_pkcs8_pem(include_str!("fixtures/test-signing-key.pem")).unwrap();
+    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&generated_key_and_cert().0).unwrap();
     let text = string_to_sign(&envelope).unwrap();
     let signature = match version {
         "1" => SigningKey::<sha1::Sha1>::new(key)
@@ -140,6 +169,44 @@ async fn a_tampered_message_or_signature_is_refused() {
 }
 
 #[tokio::test]
+async fn tampering_with_any_signed_field_is_refused() {
+    let (verifier, _) = verifier().await;
+    let mut signed = notification(r#"{"v":1,"events":[]}"#);
+    signed.subject = Some("subject".into());
+    let signed = sign(signed, "2");
+    verifier.verify(&signed).await.unwrap();
+    let earlier = time::OffsetDateTime::now_utc()
+        .checked_sub(time::Duration::seconds(7))
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let tamperings: Vec<(&str, Box<dyn Fn(&mut SnsEnvelope)>)> = vec![
+        ("Message", Box::new(|e| e.message.push(' '))),
+        ("MessageId", Box::new(|e| e.message_id.push('x'))),
+        ("Subject", Box::new(|e| e.subject = Some("other".into()))),
+        ("no Subject", Box::new(|e| e.subject = None)),
+        (
+            "Timestamp",
+            Box::new(move |e| e.timestamp = earlier.clone()),
+        ),
+        ("TopicArn", Box::new(|e| e.topic_arn.push('x'))),
+        ("Type", Box::new(|e| e.kind = "Unknown".into())),
+        (
+            "SignatureVersion",
+            Box::new(|e| e.signature_version = Some("1".into())),
+        ),
+    ];
+    for (field, tamper) in tamperings {
+        let mut forged = signed.clone();
+        tamper(&mut forged);
+        assert!(
+            verifier.verify(&forged).await.is_err(),
+            "tampered {field} passed"
+        );
+    }
+}
+
+#[tokio::test]
 async fn other_topics_stale_timestamps_and_foreign_certificates_are_refused() {
     let (verifier, fetches) = verifier().await;
     let mut other_topic = notification("x");
@@ -161,6 +228,18 @@ async fn other_topics_stale_timestamps_and_foreign_certificates_are_refused() {
         Some("https://attacker.example/SimpleNotificationService-test.pem".into());
     assert!(matches!(
         verifier.verify(&sign(foreign, "2")).await,
+        Err(VerifyError::CertUrl(_))
+    ));
+    let mut plain_http = notification("x");
+    plain_http.signing_cert_url = Some(CERT_URL.replacen("https", "http", 1));
+    assert!(matches!(
+        verifier.verify(&sign(plain_http, "2")).await,
+        Err(VerifyError::CertUrl(_))
+    ));
+    let mut bad_path = notification("x");
+    bad_path.signing_cert_url = Some("https://sns.us-east-1.amazonaws.com/evil/cert.pem".into());
+    assert!(matches!(
+        verifier.verify(&sign(bad_path, "2")).await,
         Err(VerifyError::CertUrl(_))
     ));
     assert_eq!(

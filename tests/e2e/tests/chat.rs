@@ -422,6 +422,7 @@ async fn forged_sns_posts_are_refused_and_reach_no_client() {
             403,
         ),
         ("{not json".to_owned(), 400),
+        ("x".repeat(2 * 1024 * 1024), 413),
     ] {
         let res = http
             .post(&url)
