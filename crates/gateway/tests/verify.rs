@@ -180,7 +180,8 @@ async fn tampering_with_any_signed_field_is_refused() {
         .unwrap()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
-    let tamperings: Vec<(&str, Box<dyn Fn(&mut SnsEnvelope)>)> = vec![
+    type Tamper = Box<dyn Fn(&mut SnsEnvelope)>;
+    let tamperings: Vec<(&str, Tamper)> = vec![
         ("Message", Box::new(|e| e.message.push(' '))),
         ("MessageId", Box::new(|e| e.message_id.push('x'))),
         ("Subject", Box::new(|e| e.subject = Some("other".into()))),
