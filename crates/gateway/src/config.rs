@@ -70,6 +70,9 @@ pub struct Config {
     /// Defaults to `http://<listen>`.
     #[arg(long, global = true, env = "CHORUS_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Also serve `/metrics` on this address (e.g. a port only the monitoring network reaches).
+    #[arg(long, global = true, env = "CHORUS_GATEWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// WebSocket URLs the chat page at `/` falls back to, in turn, when this gateway drops it
     /// (comma-separated). Behind a load balancer none are needed: the page reconnects to its origin.
     #[arg(

@@ -160,6 +160,16 @@ pub async fn run(
     };
     let config = Arc::clone(&state.config);
 
+    if let Some(addr) = config.metrics_listen {
+        let metrics_listener = TcpListener::bind(addr).await?;
+        let (metrics, hub) = (Arc::clone(&metrics), hub.clone());
+        tokio::spawn(chorus_service::metrics::serve(
+            metrics_listener,
+            Arc::new(move || metrics.render(hub.room_count())),
+            drain.clone().cancelled_owned(),
+        ));
+    }
+
     // Serve first: SNS may post a SubscriptionConfirmation while we subscribe.
     let stop_server = CancellationToken::new();
     let server = tokio::spawn(

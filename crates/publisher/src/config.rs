@@ -44,6 +44,9 @@ pub struct PollArgs {
     #[arg(long, env = "CHORUS_BATCH_SIZE", default_value_t = 100,
           value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub batch_size: i32,
+    /// Serve Prometheus `/metrics` (and `/healthz`) on this address.
+    #[arg(long, env = "CHORUS_PUBLISHER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Pause between polls when the stream is idle, in milliseconds.
     #[arg(long, env = "CHORUS_POLL_IDLE_MS", default_value_t = 100)]
     pub idle_ms: u64,

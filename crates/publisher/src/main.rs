@@ -4,7 +4,9 @@ use anyhow::Context as _;
 use aws_lambda_events::dynamodb::Event;
 use aws_lambda_events::streams::DynamoDbEventResponse;
 use chorus_publisher::config::{Cli, Command};
-use chorus_publisher::poller::{self, PollerConfig};
+use std::sync::Arc;
+
+use chorus_publisher::poller::{self, PollerConfig, PollerMetrics};
 use chorus_publisher::sns::{SnsPublisher, ensure_topic};
 use chorus_publisher::{DeadLetter, SqsDeadLetter};
 use clap::Parser as _;
@@ -82,7 +84,27 @@ async fn main() -> anyhow::Result<()> {
                 chorus_service::shutdown_signal().await;
                 trigger.cancel();
             });
-            poller::run(&streams, &config, &publisher, dead_letters, shutdown).await
+            let metrics = Arc::new(PollerMetrics::default());
+            if let Some(addr) = args.metrics_listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                let render = Arc::clone(&metrics);
+                tokio::spawn(chorus_service::metrics::serve(
+                    listener,
+                    Arc::new(move || render.render()),
+                    shutdown.clone().cancelled_owned(),
+                ));
+            }
+            poller::run(
+                &streams,
+                &config,
+                &publisher,
+                dead_letters,
+                &metrics,
+                shutdown,
+            )
+            .await
         }
         None => anyhow::bail!(
             "nothing to do: run `chorus-publisher poll` (or inside Lambda, where \

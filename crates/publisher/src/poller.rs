@@ -19,7 +19,78 @@ use aws_sdk_dynamodbstreams::error::DisplayErrorContext;
 use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType};
 use tokio_util::sync::CancellationToken;
 
-use crate::{DeadLetter, Publish, handle_with_outcome};
+use chorus_service::metrics::{Counter, Exposition};
+
+use crate::{BatchOutcome, DeadLetter, Publish, handle_with_outcome};
+
+/// What the poller has done, for `/metrics` (`chorus-publisher poll --metrics-listen`). In Lambda
+/// the same numbers are in each batch's `batch handled` log line.
+#[derive(Debug, Default)]
+pub struct PollerMetrics {
+    pub batches: Counter,
+    pub failed_batches: Counter,
+    pub records: Counter,
+    pub forwarded: Counter,
+    pub skipped: Counter,
+    pub poison: Counter,
+    pub dead_lettered: Counter,
+    pub sns_calls: Counter,
+    pub sns_messages: Counter,
+    pub read_errors: Counter,
+}
+
+impl PollerMetrics {
+    fn record(&self, outcome: &BatchOutcome) {
+        if outcome.failed {
+            self.failed_batches.inc();
+        } else {
+            self.batches.inc();
+        }
+        self.records.add(outcome.records as u64);
+        self.forwarded.add(outcome.forwarded as u64);
+        self.skipped.add(outcome.skipped as u64);
+        self.poison.add(outcome.poison as u64);
+        self.dead_lettered.add(outcome.dead_lettered as u64);
+        self.sns_calls.add(outcome.sns_calls as u64);
+        self.sns_messages.add(outcome.sns_messages as u64);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        Exposition::new()
+            .counter(
+                "chorus_publisher_batches_total",
+                "Stream batches handled, by outcome.",
+                "result",
+                &[("ok", &self.batches), ("failed", &self.failed_batches)],
+            )
+            .counter(
+                "chorus_publisher_records_total",
+                "Stream records, by what became of them.",
+                "kind",
+                &[
+                    ("read", &self.records),
+                    ("forwarded", &self.forwarded),
+                    ("skipped", &self.skipped),
+                    ("poison", &self.poison),
+                    ("dead_lettered", &self.dead_lettered),
+                ],
+            )
+            .counter(
+                "chorus_publisher_sns_total",
+                "SNS calls made and messages published.",
+                "kind",
+                &[("calls", &self.sns_calls), ("messages", &self.sns_messages)],
+            )
+            .counter(
+                "chorus_publisher_stream_read_errors_total",
+                "Failed stream reads (retried).",
+                "",
+                &[("", &self.read_errors)],
+            )
+            .finish()
+    }
+}
 
 /// How the poller reads.
 #[derive(Debug, Clone)]
@@ -43,6 +114,7 @@ pub async fn run(
     config: &PollerConfig,
     publisher: &dyn Publish,
     dead_letters: Option<&dyn DeadLetter>,
+    metrics: &PollerMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut shards: BTreeMap<String, ShardPosition> = BTreeMap::new();
@@ -59,10 +131,21 @@ pub async fn run(
         }
         let mut pause = config.idle_interval;
         for (shard_id, position) in &mut shards {
-            match poll_shard(client, config, shard_id, position, publisher, dead_letters).await {
+            match poll_shard(
+                client,
+                config,
+                shard_id,
+                position,
+                publisher,
+                dead_letters,
+                metrics,
+            )
+            .await
+            {
                 Ok(0) => {}
                 Ok(_) => pause = Duration::ZERO,
                 Err(e) => {
+                    metrics.read_errors.inc();
                     tracing::warn!(shard = %shard_id, error.message = %e, "poll failed: retrying");
                     pause = config.retry_interval;
                 }
@@ -118,6 +201,7 @@ async fn poll_shard(
     position: &mut ShardPosition,
     publisher: &dyn Publish,
     dead_letters: Option<&dyn DeadLetter>,
+    metrics: &PollerMetrics,
 ) -> anyhow::Result<usize> {
     let iterator = match position.iterator.take() {
         Some(iterator) => iterator,
@@ -159,7 +243,7 @@ async fn poll_shard(
         .map(|r| to_lambda_record(r, &config.stream_arn))
         .collect();
     let (response, outcome) = handle_with_outcome(&event, publisher, dead_letters).await;
-    let _ = outcome;
+    metrics.record(&outcome);
 
     let failed_at = response
         .batch_item_failures

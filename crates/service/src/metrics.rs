@@ -6,6 +6,36 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+/// Serves `GET /metrics` (from `render`) and `GET /healthz` on `listener` until `shutdown`: for a
+/// metrics port separate from the service's own (`--metrics-listen`), or for a process that has
+/// no HTTP server of its own (the stream poller).
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::header;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = render();
+                async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], text) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listening");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// Content type of [`Exposition`] output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -36,6 +36,9 @@ pub struct Config {
         default_value = "127.0.0.1:8080"
     )]
     pub listen: SocketAddr,
+    /// Also serve `/metrics` on this address (e.g. a port only the monitoring network reaches).
+    #[arg(long, global = true, env = "CHORUS_WRITER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// DynamoDB table holding messages.
     #[arg(
         long,

@@ -26,10 +26,33 @@ pub async fn run(
     store: Arc<dyn MessageStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with_metrics_listener(listener, None, store, shutdown).await
+}
+
+/// [`run`], also serving `/metrics` on `metrics_listener` when given.
+///
+/// # Errors
+/// When the server fails (not when a request does).
+pub async fn run_with_metrics_listener(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    store: Arc<dyn MessageStore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let state = AppState {
         store,
         metrics: Arc::default(),
     };
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    if let Some(metrics_listener) = metrics_listener {
+        let metrics = Arc::clone(&state.metrics);
+        tokio::spawn(chorus_service::metrics::serve(
+            metrics_listener,
+            Arc::new(move || routes::render_metrics_text(&metrics)),
+            stop_metrics.clone().cancelled_owned(),
+        ));
+    }
+    let _stop_metrics_on_return = stop_metrics.drop_guard();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "writer listening");
     }

@@ -34,10 +34,23 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", config.listen))?;
             chorus_service::systemd::spawn_watchdog();
             chorus_service::systemd::ready();
-            chorus_writer::run(listener, Arc::new(store), async {
-                chorus_service::shutdown_signal().await;
-                chorus_service::systemd::stopping();
-            })
+            let metrics_listener = match config.metrics_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding {addr}"))?,
+                ),
+                None => None,
+            };
+            chorus_writer::run_with_metrics_listener(
+                listener,
+                metrics_listener,
+                Arc::new(store),
+                async {
+                    chorus_service::shutdown_signal().await;
+                    chorus_service::systemd::stopping();
+                },
+            )
             .await
             .context("serving")?;
             tracing::info!("writer stopped");

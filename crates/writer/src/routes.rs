@@ -158,8 +158,12 @@ async fn history(
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let m = &state.metrics;
-    let text = Exposition::new()
+    let text = render_metrics_text(&state.metrics);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
+}
+
+pub(crate) fn render_metrics_text(m: &WriterMetrics) -> String {
+    Exposition::new()
         .counter(
             "chorus_writer_sends_total",
             "Send requests by outcome.",
@@ -189,6 +193,5 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
             "kind",
             &[("contention", &m.store_contention), ("unavailable", &m.store_unavailable)],
         )
-        .finish();
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
+        .finish()
 }

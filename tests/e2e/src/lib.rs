@@ -78,7 +78,8 @@ fn service_command(
 }
 
 impl Service {
-    /// Starts `bin args…` with JSON logs and waits until it logs its listening address.
+    /// Starts `bin args…` with JSON logs and waits until it logs `ready_message` with its
+    /// listening address (`addr`).
     ///
     /// # Errors
     /// When it exits or does not listen within 30 s.
@@ -87,6 +88,7 @@ impl Service {
         bin: &str,
         args: &[&str],
         envs: &[(&str, &str)],
+        ready_message: &'static str,
     ) -> anyhow::Result<Service> {
         let (mut command, log) = service_command(name, bin, args, envs)?;
         command.stderr(Stdio::piped());
@@ -104,7 +106,7 @@ impl Service {
                 if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
                     && entry["message"]
                         .as_str()
-                        .is_some_and(|m| m.ends_with("listening"))
+                        .is_some_and(|m| m == ready_message)
                     && let Some(addr) = entry["addr"].as_str().and_then(|a| a.parse().ok())
                 {
                     let _ = addr_tx.send(addr);
@@ -257,6 +259,7 @@ impl Stack {
             "chorus-writer",
             &["--listen", "127.0.0.1:0", "--table", &table],
             &[],
+            "writer listening",
         )?;
         let mut more_writers = Vec::new();
         for i in 1..writers {
@@ -265,6 +268,7 @@ impl Stack {
                 "chorus-writer",
                 &["--listen", "127.0.0.1:0", "--table", &table],
                 &[],
+                "writer listening",
             )?);
         }
         let publisher = start_publisher(&table, &topic_arn)?;
@@ -313,7 +317,7 @@ impl Stack {
             "200",
         ];
         args.extend_from_slice(extra);
-        let gateway = Service::start(&name, "chorus-gateway", &args, &[])?;
+        let gateway = Service::start(&name, "chorus-gateway", &args, &[], "gateway listening")?;
         wait_ready(&format!("{}/readyz", gateway.http())).await?;
         self.gateways.push(gateway);
         Ok(self.gateways.len() - 1)
@@ -333,7 +337,8 @@ impl Stack {
 }
 
 fn start_publisher(table: &str, topic_arn: &str) -> anyhow::Result<Service> {
-    Service::start_unlistening(
+    // The poller's address is its metrics port.
+    Service::start(
         "publisher",
         "chorus-publisher",
         &[
@@ -344,8 +349,11 @@ fn start_publisher(table: &str, topic_arn: &str) -> anyhow::Result<Service> {
             topic_arn,
             "--idle-ms",
             "50",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
         &[],
+        "metrics listening",
     )
 }
 

@@ -530,6 +530,36 @@ async fn a_gateway_whose_subscription_disappears_subscribes_again_and_loses_noth
     );
 }
 
+/// Polls the service's `/metrics` until every line is there (counters are bumped right after
+/// the effect a client sees), or fails after the usual wait with the last exposition.
+async fn assert_metrics(service: &chorus_e2e::Service, lines: &[&str]) {
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let res = http
+            .get(format!("{}/metrics", service.http()))
+            .send()
+            .await
+            .unwrap();
+        let content_type = res.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        let text = res.text().await.unwrap();
+        let missing: Vec<&&str> = lines.iter().filter(|l| !text.contains(**l)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} lacks {missing:?}:\n{text}",
+            service.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn every_service_serves_its_named_metric_series() {
     let stack = Stack::start(1).await.unwrap();
@@ -540,51 +570,41 @@ async fn every_service_serves_its_named_metric_series() {
     acked(&mut john, &id).await;
     next_message(&mut john).await;
 
-    let http = reqwest::Client::new();
-    let gateway = http
-        .get(format!("{}/metrics", stack.gateways[0].http()))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        gateway.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain; version=0.0.4")
-    );
-    let gateway = gateway.text().await.unwrap();
-    for series in [
-        "chorus_gateway_connections 1",
-        "chorus_gateway_rooms 1",
-        "chorus_gateway_room_changes_total{kind=\"join\"} 1",
-        "chorus_gateway_messages_total{direction=\"in\"} 1",
-        "chorus_gateway_messages_total{direction=\"out\"} 1",
-        "chorus_gateway_fanout_seconds_count 1",
-        "chorus_gateway_slow_consumers_total 0",
-        "chorus_gateway_bus_notifications_total{result=\"accepted\"} 1",
-        "chorus_gateway_bus_rejected_total{reason=\"signature\"} 0",
-        "chorus_gateway_sends_total{result=\"acked\"} 1",
-    ] {
-        assert!(
-            gateway.contains(series),
-            "gateway lacks {series}:\n{gateway}"
-        );
-    }
-    let writer = http
-        .get(format!("{}/metrics", stack.writer.http()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for series in [
-        "chorus_writer_sends_total{result=\"stored\"} 1",
-        "chorus_writer_request_seconds_count{route=\"send\"} 1",
-        "chorus_writer_store_errors_total{kind=\"unavailable\"} 0",
-    ] {
-        assert!(writer.contains(series), "writer lacks {series}:\n{writer}");
-    }
+    assert_metrics(
+        &stack.gateways[0],
+        &[
+            "chorus_gateway_connections 1",
+            "chorus_gateway_rooms 1",
+            "chorus_gateway_room_changes_total{kind=\"join\"} 1",
+            "chorus_gateway_messages_total{direction=\"in\"} 1",
+            "chorus_gateway_messages_total{direction=\"out\"} 1",
+            "chorus_gateway_fanout_seconds_count 1",
+            "chorus_gateway_slow_consumers_total 0",
+            "chorus_gateway_bus_notifications_total{result=\"accepted\"} 1",
+            "chorus_gateway_bus_rejected_total{reason=\"signature\"} 0",
+            "chorus_gateway_sends_total{result=\"acked\"} 1",
+        ],
+    )
+    .await;
+    assert_metrics(
+        &stack.writer,
+        &[
+            "chorus_writer_sends_total{result=\"stored\"} 1",
+            "chorus_writer_request_seconds_count{route=\"send\"} 1",
+            "chorus_writer_store_errors_total{kind=\"unavailable\"} 0",
+        ],
+    )
+    .await;
+    assert_metrics(
+        &stack.publisher,
+        &[
+            "chorus_publisher_batches_total{result=\"ok\"}",
+            "chorus_publisher_records_total{kind=\"forwarded\"} 1",
+            "chorus_publisher_sns_total{kind=\"calls\"}",
+            "chorus_publisher_batches_total{result=\"failed\"} 0",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
