@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use error::ApiError;
+pub use routes::OPENAPI;
 
 use crate::routes::{AppState, router};
 use crate::store::MessageStore;

@@ -53,6 +53,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/rooms/{room}/messages", get(history).post(send))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
@@ -125,12 +126,20 @@ async fn history(
     let room = parse_room(room)?;
     let after = match params.get("after") {
         None => Seq(0),
-        Some(raw) => Seq(raw.parse().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_after",
-                format!("after must be a whole number ≥ 0, got {raw:?}"),
-            )
-        })?),
+        // Seqs are int64 on the wire (what every JSON client can hold).
+        Some(raw) => Seq(raw
+            .parse::<u64>()
+            .ok()
+            .filter(|after| i64::try_from(*after).is_ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_after",
+                    format!(
+                        "after must be a whole number from 0 to {}, got {raw:?}",
+                        i64::MAX
+                    ),
+                )
+            })?),
     };
     let limit = match params.get("limit") {
         None => DEFAULT_HISTORY_LIMIT,
@@ -155,6 +164,13 @@ async fn history(
         state.metrics.store_unavailable.inc();
     }
     Ok(Json(page?))
+}
+
+/// The API's contract, `api/openapi.json` (kept in step with the code by tests/api).
+pub const OPENAPI: &str = include_str!("../api/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

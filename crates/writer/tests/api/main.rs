@@ -175,3 +175,52 @@ async fn health_and_metrics_are_served() {
         "{text}"
     );
 }
+
+/// Every operation the OpenAPI document names is served (not the 404 fallback) and answers with a
+/// status it documents; the served document is the one in the repo.
+#[tokio::test]
+async fn the_openapi_document_matches_what_is_served() {
+    let app = spawn_app().await;
+    let served: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
+    let in_repo: serde_json::Value = serde_json::from_str(chorus_writer::OPENAPI).unwrap();
+    assert_eq!(served, in_repo);
+    let paths = in_repo["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths {
+        let concrete = path.replace("{room}", "lobby");
+        for method in ["get", "post"] {
+            let Some(operation) = item.get(method) else {
+                continue;
+            };
+            operations += 1;
+            let res = match method {
+                "get" => app.get(&concrete).await,
+                _ => {
+                    app.send("lobby", json!({"id": "oa", "sender": "x", "body": "hi"}))
+                        .await
+                }
+            };
+            let status = res.status().as_u16().to_string();
+            let documented = operation["responses"].as_object().unwrap();
+            assert!(
+                documented.contains_key(&status),
+                "{method} {path} answered {status}, not documented"
+            );
+        }
+    }
+    assert_eq!(operations, 5, "send, history, health, metrics, openapi");
+    // Request schema field names are the protocol's.
+    let required = &in_repo["components"]["schemas"]["SendRequest"]["required"];
+    let fixture: serde_json::Value = serde_json::to_value(chorus_protocol::api::SendRequest {
+        id: chorus_protocol::ClientMsgId::parse("a").unwrap(),
+        sender: chorus_protocol::UserId::parse("b").unwrap(),
+        body: chorus_protocol::Body::parse("c").unwrap(),
+    })
+    .unwrap();
+    for field in required.as_array().unwrap() {
+        assert!(
+            fixture.get(field.as_str().unwrap()).is_some(),
+            "{field} not in SendRequest"
+        );
+    }
+}
