@@ -199,13 +199,19 @@ fn calls_worth(packs: &[Pack]) -> usize {
     count.max(1)
 }
 
-enum Classified {
+/// What a stream record is to the publisher.
+#[derive(Debug)]
+pub enum Classified {
+    /// An insert of a message item: forward it.
     Message(Box<MessageEvent>),
+    /// Bookkeeping, MODIFY or REMOVE: skip it.
     Skip,
+    /// Can never be published (the reason says why): dead-letter it.
     Poison(String),
 }
 
-fn classify(record: &EventRecord) -> Classified {
+/// Decides what to do with one stream record. Never panics, whatever the record holds.
+pub fn classify(record: &EventRecord) -> Classified {
     if record.event_name != "INSERT" {
         return Classified::Skip;
     }
