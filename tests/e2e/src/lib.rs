@@ -172,6 +172,47 @@ impl Service {
         self.child.id()
     }
 
+    /// Polls `/metrics` until every expected line is there (counters move right after the effect a
+    /// client sees); panics after 10 s with the last exposition. An expectation without a value
+    /// matches any value.
+    pub async fn wait_for_metrics(&self, expected: &[&str]) {
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = http
+                .get(format!("{}/metrics", self.http()))
+                .send()
+                .await
+                .expect("GET /metrics");
+            let content_type = res.headers()["content-type"]
+                .to_str()
+                .unwrap_or("")
+                .to_owned();
+            assert!(
+                content_type.starts_with("text/plain; version=0.0.4"),
+                "{content_type}"
+            );
+            let text = res.text().await.expect("metrics text");
+            let missing: Vec<&&str> = expected
+                .iter()
+                .filter(|want| {
+                    !text
+                        .lines()
+                        .any(|line| line == **want || line.starts_with(&format!("{want} ")))
+                })
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} lacks {missing:?}:\n{text}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The service's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -450,18 +450,9 @@ async fn forged_sns_posts_are_refused_and_reach_no_client() {
         (Seq(1), "john", "the real one")
     );
 
-    let metrics = http
-        .get(format!("{}/metrics", gateway.http()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("chorus_gateway_bus_notifications_total{result=\"rejected\"} 4"),
-        "{metrics}"
-    );
+    gateway
+        .wait_for_metrics(&["chorus_gateway_bus_notifications_total{result=\"rejected\"} 4"])
+        .await;
     assert!(
         !gateway.log().contains("send me your password"),
         "payloads never reach the log"
@@ -530,36 +521,6 @@ async fn a_gateway_whose_subscription_disappears_subscribes_again_and_loses_noth
     );
 }
 
-/// Polls the service's `/metrics` until every line is there (counters are bumped right after
-/// the effect a client sees), or fails after the usual wait with the last exposition.
-async fn assert_metrics(service: &chorus_e2e::Service, lines: &[&str]) {
-    let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let res = http
-            .get(format!("{}/metrics", service.http()))
-            .send()
-            .await
-            .unwrap();
-        let content_type = res.headers()["content-type"].to_str().unwrap().to_owned();
-        assert!(
-            content_type.starts_with("text/plain; version=0.0.4"),
-            "{content_type}"
-        );
-        let text = res.text().await.unwrap();
-        let missing: Vec<&&str> = lines.iter().filter(|l| !text.contains(**l)).collect();
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} lacks {missing:?}:\n{text}",
-            service.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn every_service_serves_its_named_metric_series() {
     let stack = Stack::start(1).await.unwrap();
@@ -570,9 +531,8 @@ async fn every_service_serves_its_named_metric_series() {
     acked(&mut john, &id).await;
     next_message(&mut john).await;
 
-    assert_metrics(
-        &stack.gateways[0],
-        &[
+    stack.gateways[0]
+        .wait_for_metrics(&[
             "chorus_gateway_connections 1",
             "chorus_gateway_rooms 1",
             "chorus_gateway_room_changes_total{kind=\"join\"} 1",
@@ -583,28 +543,25 @@ async fn every_service_serves_its_named_metric_series() {
             "chorus_gateway_bus_notifications_total{result=\"accepted\"} 1",
             "chorus_gateway_bus_rejected_total{reason=\"signature\"} 0",
             "chorus_gateway_sends_total{result=\"acked\"} 1",
-        ],
-    )
-    .await;
-    assert_metrics(
-        &stack.writer,
-        &[
+        ])
+        .await;
+    stack
+        .writer
+        .wait_for_metrics(&[
             "chorus_writer_sends_total{result=\"stored\"} 1",
             "chorus_writer_request_seconds_count{route=\"send\"} 1",
             "chorus_writer_store_errors_total{kind=\"unavailable\"} 0",
-        ],
-    )
-    .await;
-    assert_metrics(
-        &stack.publisher,
-        &[
+        ])
+        .await;
+    stack
+        .publisher
+        .wait_for_metrics(&[
             "chorus_publisher_batches_total{result=\"ok\"}",
             "chorus_publisher_records_total{kind=\"forwarded\"} 1",
             "chorus_publisher_sns_total{kind=\"calls\"}",
             "chorus_publisher_batches_total{result=\"failed\"} 0",
-        ],
-    )
-    .await;
+        ])
+        .await;
 }
 
 #[tokio::test]

@@ -238,26 +238,9 @@ async fn hostile_clients_get_clear_answers_and_never_hurt_others() {
     witnesses.still_served("garbage HTTP").await;
 
     // The hostile connections are gone from the gauge (only the witnesses and eve remain).
-    let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let metrics = http
-            .get(format!("{}/metrics", gateway.http()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.contains("chorus_gateway_connections 3\n") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hostile connections linger:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gateway
+        .wait_for_metrics(&["chorus_gateway_connections 3"])
+        .await;
     assert!(
         !gateway.log().contains("panicked"),
         "the gateway panicked:\n{}",
