@@ -1,9 +1,12 @@
 //! The gateway's configuration, parsed once from flags and `CHORUS_*` environment variables.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chorus_service::LogArgs;
+
+use crate::auth::AuthSettings;
 
 /// `chorus-gateway [serve] …` or `chorus-gateway prune-subscriptions …`.
 #[derive(Debug, clap::Parser)]
@@ -156,6 +159,101 @@ pub struct Config {
         default_value_t = 100
     )]
     pub max_rooms_per_connection: usize,
+    /// Bytes of frames queued per connection before it counts as too slow and is closed (4001).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SEND_QUEUE_BYTES",
+        default_value_t = 256 * 1024
+    )]
+    pub send_queue_bytes: usize,
+    /// WebSocket connections this gateway holds at once; one more is closed with code 4004
+    /// (gateway full: reconnect elsewhere and resume).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_MAX_CONNECTIONS",
+        default_value_t = 100_000
+    )]
+    pub max_connections: usize,
+    /// Sends per second one connection may make (token bucket); more get `rate_limited`.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SENDS_PER_SEC",
+        default_value_t = 20
+    )]
+    pub sends_per_sec: u32,
+    /// Sends one connection may make in a burst above `--sends-per-sec`.
+    #[arg(long, global = true, env = "CHORUS_SEND_BURST", default_value_t = 40)]
+    pub send_burst: u32,
+    /// Joins per second one connection may make (token bucket); more get `rate_limited`.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_JOINS_PER_SEC",
+        default_value_t = 10
+    )]
+    pub joins_per_sec: u32,
+    /// Joins one connection may make in a burst above `--joins-per-sec`.
+    #[arg(long, global = true, env = "CHORUS_JOIN_BURST", default_value_t = 50)]
+    pub join_burst: u32,
+    /// How often the gateway pings each client.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_PING_INTERVAL_MS",
+        default_value_t = 25_000
+    )]
+    pub ping_interval_ms: u64,
+    /// A connection from which nothing (no frame, no pong) is heard for this long is closed
+    /// (4005). Must be longer than the ping interval.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_IDLE_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub idle_timeout_ms: u64,
+    /// Time a client has to send a request's headers (slowloris protection).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_read_timeout_ms: u64,
+    /// HS256 secret for client tokens: a file holding at least 32 bytes (a trailing newline is
+    /// ignored). Repeat the flag (or comma-separate) to accept several keys during a rotation.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_JWT_SECRET_FILE",
+        value_delimiter = ','
+    )]
+    pub jwt_secret_file: Vec<PathBuf>,
+    /// Public key for client tokens, PEM: RSA for RS256, EC P-256 for ES256. Repeatable.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_JWT_PUBLIC_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub jwt_public_key_file: Vec<PathBuf>,
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, global = true, env = "CHORUS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, global = true, env = "CHORUS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Clock skew allowed on a token's `exp` and `nbf`, in seconds.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_JWT_LEEWAY_SECS",
+        default_value_t = 30
+    )]
+    pub jwt_leeway_secs: u64,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -214,12 +312,45 @@ impl Config {
                 self.writer_url
             )));
         }
-        if self.send_queue == 0 || self.max_rooms_per_connection == 0 {
-            return Err(ConfigError::Invalid(
-                "--send-queue and --max-rooms-per-connection must be at least 1".into(),
-            ));
+        for (flag, value) in [
+            ("--send-queue", self.send_queue),
+            ("--send-queue-bytes", self.send_queue_bytes),
+            ("--max-rooms-per-connection", self.max_rooms_per_connection),
+            ("--max-connections", self.max_connections),
+            ("--sends-per-sec", self.sends_per_sec as usize),
+            ("--send-burst", self.send_burst as usize),
+            ("--joins-per-sec", self.joins_per_sec as usize),
+            ("--join-burst", self.join_burst as usize),
+            ("--ping-interval-ms", self.ping_interval_ms as usize),
+            (
+                "--header-read-timeout-ms",
+                self.header_read_timeout_ms as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(ConfigError::Invalid(format!(
+                "--idle-timeout-ms ({}) must be longer than --ping-interval-ms ({}): a client \
+                 needs a ping to answer before it can be called idle",
+                self.idle_timeout_ms, self.ping_interval_ms
+            )));
         }
         Ok(())
+    }
+
+    /// How clients are authenticated.
+    pub fn auth(&self) -> AuthSettings {
+        AuthSettings {
+            secret_files: self.jwt_secret_file.clone(),
+            public_key_files: self.jwt_public_key_file.clone(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            leeway: Duration::from_secs(self.jwt_leeway_secs),
+            dev_users: self.insecure_dev_users,
+        }
     }
 
     /// Where SNS should post.

@@ -6,33 +6,56 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message};
 use chorus_protocol::api::SendRequest;
 use chorus_protocol::frames::Rejected;
-use chorus_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, UserId, close};
+use chorus_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, close};
 use futures_util::{Sink, SinkExt as _, Stream, StreamExt as _};
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnId, Frame, Hub, JoinError, Kick, MemberHandle};
+use crate::auth::Identity;
+use crate::hub::{ConnId, Hub, JoinError, Kick, MemberHandle};
 use crate::log::{LogError, MessageLog};
 use crate::metrics::GatewayMetrics;
+use crate::outbox::{Outbound, OutboxReceiver, outbox};
+use crate::rate::{Rate, TokenBucket};
 
 /// Per-connection limits.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     /// Frames queued for the socket before the connection counts as too slow and is closed.
     pub queue_len: usize,
+    /// Bytes of frames queued before the connection counts as too slow and is closed.
+    pub queue_bytes: usize,
     /// Rooms one connection may be in at once.
     pub max_rooms: usize,
+    pub sends: Rate,
+    pub joins: Rate,
+    /// How often the client is pinged.
+    pub ping_interval: Duration,
+    /// Closed when nothing is heard from the client for this long.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ConnectionSettings {
     fn default() -> Self {
         ConnectionSettings {
             queue_len: 512,
+            queue_bytes: 256 * 1024,
             max_rooms: 100,
+            sends: Rate {
+                per_sec: 20,
+                burst: 40,
+            },
+            joins: Rate {
+                per_sec: 10,
+                burst: 50,
+            },
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -48,34 +71,73 @@ pub struct ConnectionContext {
     pub drain: CancellationToken,
 }
 
-/// Serves one upgraded socket for `user` until the client leaves, the gateway drains, or the
-/// connection is kicked.
-pub async fn serve<S, E>(socket: S, user: UserId, ctx: ConnectionContext)
+/// One connection's state, owned by its reader.
+struct Session {
+    identity: Identity,
+    rooms: HashSet<RoomId>,
+    sends: TokenBucket,
+    joins: TokenBucket,
+}
+
+type Close = (u16, &'static str);
+
+const RESTARTING: Close = (
+    close::SERVER_RESTARTING,
+    "server restarting: reconnect and resume",
+);
+const SLOW: &str = "too slow: reconnect and resume";
+
+/// Serves one upgraded socket for `identity` until the client leaves, the gateway drains, the
+/// connection is kicked, falls silent, or its token expires.
+pub async fn serve<S, E>(socket: S, identity: Identity, ctx: ConnectionContext)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Send + 'static,
     E: std::fmt::Display,
 {
     let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel::<Frame>(ctx.settings.queue_len);
+    let (outbox, rx) = outbox(ctx.settings.queue_len, ctx.settings.queue_bytes);
     let member = MemberHandle {
         id: ConnId::next(),
-        tx,
+        outbox,
         kick: Kick::default(),
     };
-    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<(u16, &'static str)>();
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<Close>();
     let writer = tokio::spawn(write_loop(sink, rx, close_rx));
     ctx.metrics.connections.inc();
     ctx.metrics.connections_total.inc();
-    tracing::debug!(conn = ?member.id, %user, "connected");
+    tracing::debug!(conn = ?member.id, user = %identity.user, "connected");
 
-    let mut rooms: HashSet<RoomId> = HashSet::new();
-    let close: Option<(u16, &'static str)> = loop {
+    let now = Instant::now();
+    let mut session = Session {
+        identity,
+        rooms: HashSet::new(),
+        sends: TokenBucket::full(ctx.settings.sends, now),
+        joins: TokenBucket::full(ctx.settings.joins, now),
+    };
+    let ping = ctx.settings.ping_interval;
+    let mut heartbeat = tokio::time::interval_at(now + ping, ping);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = now;
+    let close: Option<Close> = loop {
         let message = tokio::select! {
             biased;
-            () = ctx.drain.cancelled() => break Some((close::SERVER_RESTARTING, "server restarting: reconnect and resume")),
-            code = member.kick.kicked() => break Some((code, "too slow: reconnect and resume")),
+            () = ctx.drain.cancelled() => break Some(RESTARTING),
+            code = member.kick.kicked() => break Some((code, SLOW)),
+            _ = heartbeat.tick() => {
+                if session.identity.expired(SystemTime::now()) {
+                    ctx.metrics.tokens_expired.inc();
+                    break Some((close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token and resume"));
+                }
+                if last_heard.elapsed() >= ctx.settings.idle_timeout {
+                    ctx.metrics.idle_timeouts.inc();
+                    break Some((close::IDLE_TIMEOUT, "idle: nothing heard within the idle timeout"));
+                }
+                member.outbox.ping();
+                continue;
+            }
             message = stream.next() => message,
         };
+        last_heard = Instant::now();
         let text = match message {
             None => break None,
             Some(Err(e)) => {
@@ -97,20 +159,20 @@ where
                 continue;
             }
             Some(Ok(Message::Close(_))) => break None,
-            // Pings are answered by the WebSocket layer.
+            // Pings are answered by the WebSocket layer; pongs only count as signs of life.
             Some(Ok(_)) => continue,
         };
         // A slow request (a send waiting on the writer, a long replay) still yields to a drain or
         // kick.
         tokio::select! {
             biased;
-            () = ctx.drain.cancelled() => break Some((close::SERVER_RESTARTING, "server restarting: reconnect and resume")),
-            code = member.kick.kicked() => break Some((code, "too slow: reconnect and resume")),
-            () = handle_text(&ctx, &member, &user, &mut rooms, text.as_str()) => {}
+            () = ctx.drain.cancelled() => break Some(RESTARTING),
+            code = member.kick.kicked() => break Some((code, SLOW)),
+            () = handle_text(&ctx, &member, &mut session, text.as_str()) => {}
         }
     };
 
-    for room in &rooms {
+    for room in &session.rooms {
         ctx.hub.leave(member.id, room);
     }
     if let Some(code) = close {
@@ -120,16 +182,22 @@ where
     // The writer ends once it has sent the close frame, or when the queue closes.
     let _ = writer.await;
     ctx.metrics.connections.dec();
-    tracing::debug!(%user, "disconnected");
+    tracing::debug!(user = %session.identity.user, "disconnected");
 }
 
 async fn write_loop<S>(
     mut sink: futures_util::stream::SplitSink<S, Message>,
-    mut rx: mpsc::Receiver<Frame>,
-    mut close_rx: tokio::sync::oneshot::Receiver<(u16, &'static str)>,
+    mut rx: OutboxReceiver,
+    mut close_rx: tokio::sync::oneshot::Receiver<Close>,
 ) where
     S: Sink<Message> + Send,
 {
+    fn message(item: Outbound) -> Message {
+        match item {
+            Outbound::Text(frame) => Message::Text(frame),
+            Outbound::Ping => Message::Ping(Default::default()),
+        }
+    }
     loop {
         tokio::select! {
             biased;
@@ -141,14 +209,14 @@ async fn write_loop<S>(
                 }
                 break;
             }
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break };
+            item = rx.recv() => {
+                let Some(item) = item else { break };
                 // Batch: queue everything already waiting, then flush once.
-                if sink.feed(Message::Text(frame)).await.is_err() {
+                if sink.feed(message(item)).await.is_err() {
                     break;
                 }
-                while let Ok(frame) = rx.try_recv() {
-                    if sink.feed(Message::Text(frame)).await.is_err() {
+                while let Some(item) = rx.try_recv() {
+                    if sink.feed(message(item)).await.is_err() {
                         return;
                     }
                 }
@@ -163,16 +231,16 @@ async fn write_loop<S>(
 
 async fn reply(member: &MemberHandle, frame: ServerFrame) {
     // The reader awaits its own queue: only this connection waits if it is full.
-    let _ = member.tx.send(frame.to_json().into()).await;
+    let _ = member.outbox.push(frame.to_json().into()).await;
 }
 
 async fn handle_text(
     ctx: &ConnectionContext,
     member: &MemberHandle,
-    user: &UserId,
-    rooms: &mut HashSet<RoomId>,
+    session: &mut Session,
     text: &str,
 ) {
+    let rooms = &mut session.rooms;
     let frame = match ClientFrame::parse(text) {
         Ok(frame) => frame,
         Err(Rejected { error, reference }) => {
@@ -188,12 +256,36 @@ async fn handle_text(
     ctx.metrics.frames_received.inc();
     match frame {
         ClientFrame::Join { room, since } => {
+            if !session.joins.try_take(ctx.settings.joins, Instant::now()) {
+                ctx.metrics.rate_limited_joins.inc();
+                let message = format!(
+                    "too many joins: at most {} per second (bursts of {}); join {room} again later",
+                    ctx.settings.joins.per_sec, ctx.settings.joins.burst
+                );
+                reply(
+                    member,
+                    ServerFrame::error(ErrorCode::RateLimited, message, None),
+                )
+                .await;
+                return;
+            }
+            if !session.identity.rooms.allows(&room) {
+                ctx.metrics.forbidden_joins.inc();
+                let message = format!("your token does not allow room {room}");
+                reply(
+                    member,
+                    ServerFrame::error(ErrorCode::Forbidden, message, None),
+                )
+                .await;
+                return;
+            }
             if rooms.contains(&room) {
                 // A re-join (e.g. to resume with `since`) starts over.
                 ctx.hub.leave(member.id, &room);
                 rooms.remove(&room);
             }
             if rooms.len() >= ctx.settings.max_rooms {
+                ctx.metrics.room_limit_hits.inc();
                 let message = format!(
                     "a connection may join at most {} rooms",
                     ctx.settings.max_rooms
@@ -239,6 +331,20 @@ async fn handle_text(
             }
         }
         ClientFrame::Send { room, id, body } => {
+            if !session.sends.try_take(ctx.settings.sends, Instant::now()) {
+                ctx.metrics.rate_limited_sends.inc();
+                let message = format!(
+                    "too many sends: at most {} per second (bursts of {}); this one was not \
+                     sent: retry it with the same id",
+                    ctx.settings.sends.per_sec, ctx.settings.sends.burst
+                );
+                reply(
+                    member,
+                    ServerFrame::error(ErrorCode::RateLimited, message, Some(id.to_string())),
+                )
+                .await;
+                return;
+            }
             if !rooms.contains(&room) {
                 let message = format!("join room {room} before sending to it");
                 reply(
@@ -250,7 +356,7 @@ async fn handle_text(
             }
             let request = SendRequest {
                 id: id.clone(),
-                sender: user.clone(),
+                sender: session.identity.user.clone(),
                 body,
             };
             match ctx.log.append(&room, &request).await {

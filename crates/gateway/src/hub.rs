@@ -14,26 +14,25 @@
 //! - Fan-out never awaits: a member whose queue is full is closed with the resume code, and
 //!   resumes from history on reconnect.
 //!
-//! Locking: the room map is a `std::sync::RwLock` (read on the hot path, written when a room
-//! appears or empties); each room is a `std::sync::Mutex`. Neither is held across an `.await`.
+//! Locking: the room map is split into shards, each a `std::sync::RwLock` (read on the hot path,
+//! written when a room appears or empties); each room is a `std::sync::Mutex`. Neither is held
+//! across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use chorus_protocol::api::MAX_HISTORY_LIMIT;
 use chorus_protocol::{MessageEvent, RoomId, Seq, ServerFrame, close};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::log::{LogError, MessageLog};
 use crate::metrics::GatewayMetrics;
 use crate::ordering::{Offer, RoomOrder};
 
-/// A frame serialized once and shared by every member it goes to.
-pub type Frame = Utf8Bytes;
+pub use crate::outbox::Frame;
+use crate::outbox::{Outbox, PushError};
 
 /// Identifies one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,7 +72,7 @@ impl Kick {
 #[derive(Debug, Clone)]
 pub struct MemberHandle {
     pub id: ConnId,
-    pub tx: mpsc::Sender<Frame>,
+    pub outbox: Outbox,
     pub kick: Kick,
 }
 
@@ -143,8 +142,65 @@ pub struct Hub {
     inner: Arc<HubInner>,
 }
 
+type Rooms = HashMap<RoomId, Arc<Mutex<Room>>>;
+
+/// Rooms by id, split into shards by the id's hash: fan-out to one room and joins of another
+/// never wait on the same lock, and no lock is held for the whole map.
+struct RoomMap {
+    shards: Box<[RwLock<Rooms>]>,
+    hasher: std::hash::RandomState,
+}
+
+impl RoomMap {
+    const SHARDS: usize = 64;
+
+    fn new() -> Self {
+        RoomMap {
+            shards: (0..Self::SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, room: &RoomId) -> &RwLock<Rooms> {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(room);
+        // The remainder is below SHARDS: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation)]
+        &self.shards[(hash % Self::SHARDS as u64) as usize]
+    }
+
+    fn get(&self, room: &RoomId) -> Option<Arc<Mutex<Room>>> {
+        self.shard(room)
+            .read()
+            .expect("room map lock poisoned")
+            .get(room)
+            .cloned()
+    }
+
+    fn all(&self) -> Vec<(RoomId, Arc<Mutex<Room>>)> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .read()
+                    .expect("room map lock poisoned")
+                    .iter()
+                    .map(|(id, room)| (id.clone(), Arc::clone(room)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.read().expect("room map lock poisoned").len())
+            .sum()
+    }
+}
+
 struct HubInner {
-    rooms: RwLock<HashMap<RoomId, Arc<Mutex<Room>>>>,
+    rooms: RoomMap,
     log: Arc<dyn MessageLog>,
     settings: HubSettings,
     metrics: Arc<GatewayMetrics>,
@@ -165,7 +221,7 @@ impl Hub {
     ) -> Self {
         Hub {
             inner: Arc::new(HubInner {
-                rooms: RwLock::default(),
+                rooms: RoomMap::new(),
                 log,
                 settings,
                 metrics,
@@ -174,26 +230,13 @@ impl Hub {
     }
 
     fn room(&self, room: &RoomId) -> Option<Arc<Mutex<Room>>> {
-        self.inner
-            .rooms
-            .read()
-            .expect("room map lock poisoned")
-            .get(room)
-            .cloned()
+        self.inner.rooms.get(room)
     }
 
     /// Starts a repair (gap fill and tail check) in every room: after the bus may have lost
     /// messages, e.g. while the subscription was gone.
     pub fn repair_all(&self) {
-        let rooms: Vec<(RoomId, Arc<Mutex<Room>>)> = self
-            .inner
-            .rooms
-            .read()
-            .expect("room map lock poisoned")
-            .iter()
-            .map(|(id, room)| (id.clone(), Arc::clone(room)))
-            .collect();
-        for (room_id, room_arc) in rooms {
+        for (room_id, room_arc) in self.inner.rooms.all() {
             let mut room = room_arc.lock().expect("room lock poisoned");
             if !room.repairing && !room.closed {
                 room.repairing = true;
@@ -204,11 +247,7 @@ impl Hub {
 
     /// Number of rooms with local members.
     pub fn room_count(&self) -> usize {
-        self.inner
-            .rooms
-            .read()
-            .expect("room map lock poisoned")
-            .len()
+        self.inner.rooms.len()
     }
 
     /// A message from the bus. Dropped if no local member is in its room.
@@ -353,7 +392,12 @@ impl Hub {
     async fn open_room(&self, room_id: &RoomId) -> Result<Arc<Mutex<Room>>, LogError> {
         loop {
             let room_arc = {
-                let mut rooms = self.inner.rooms.write().expect("room map lock poisoned");
+                let mut rooms = self
+                    .inner
+                    .rooms
+                    .shard(room_id)
+                    .write()
+                    .expect("room map lock poisoned");
                 Arc::clone(rooms.entry(room_id.clone()).or_insert_with(|| {
                     Arc::new(Mutex::new(Room {
                         order: RoomOrder::new(self.inner.settings.max_held_per_room),
@@ -482,7 +526,11 @@ impl Hub {
             };
             for event in &page.messages {
                 let frame = message_frame(event).frame;
-                member.tx.send(frame).await.map_err(|_| JoinError::Closed)?;
+                member
+                    .outbox
+                    .push(frame)
+                    .await
+                    .map_err(|_| JoinError::Closed)?;
                 self.inner.metrics.replayed.inc();
             }
             last = newest;
@@ -506,7 +554,12 @@ impl Hub {
     }
 
     fn close_if_empty(&self, room_id: &RoomId, room_arc: &Arc<Mutex<Room>>) {
-        let mut rooms = self.inner.rooms.write().expect("room map lock poisoned");
+        let mut rooms = self
+            .inner
+            .rooms
+            .shard(room_id)
+            .write()
+            .expect("room map lock poisoned");
         let mut room = room_arc.lock().expect("room lock poisoned");
         if room.members.is_empty() && !room.closed {
             room.closed = true;
@@ -531,14 +584,14 @@ fn joined(room: &RoomId, seq: Seq) -> Frame {
 
 /// Queues a frame without waiting; a full queue closes the connection with the resume code.
 fn send_or_kick(member: &MemberHandle, frame: Frame) -> bool {
-    match member.tx.try_send(frame) {
+    match member.outbox.try_push(frame) {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(PushError::Full) => {
             member.kick.kick(close::SLOW_CONSUMER);
             false
         }
         // The connection is gone; its clean-up removes it from the room.
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(PushError::Closed) => false,
     }
 }
 
@@ -579,6 +632,7 @@ mod tests {
     use chorus_protocol::{Body, ClientMsgId, UserId};
 
     use super::*;
+    use crate::outbox::{Outbound, OutboxReceiver};
 
     /// The writer's history, in memory.
     #[derive(Default)]
@@ -638,12 +692,12 @@ mod tests {
         Hub::new(log, HubSettings::default(), Arc::default())
     }
 
-    fn member(queue: usize) -> (MemberHandle, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(queue);
+    fn member(queue: usize) -> (MemberHandle, OutboxReceiver) {
+        let (outbox, rx) = crate::outbox::outbox(queue, 1 << 20);
         (
             MemberHandle {
                 id: ConnId::next(),
-                tx,
+                outbox,
                 kick: Kick::default(),
             },
             rx,
@@ -651,10 +705,12 @@ mod tests {
     }
 
     /// Everything queued for the member so far, as frames.
-    fn drain(rx: &mut mpsc::Receiver<Frame>) -> Vec<ServerFrame> {
+    fn drain(rx: &mut OutboxReceiver) -> Vec<ServerFrame> {
         let mut out = Vec::new();
-        while let Ok(frame) = rx.try_recv() {
-            out.push(serde_json::from_str(frame.as_str()).unwrap());
+        while let Some(item) = rx.try_recv() {
+            if let Outbound::Text(frame) = item {
+                out.push(serde_json::from_str(frame.as_str()).unwrap());
+            }
         }
         out
     }

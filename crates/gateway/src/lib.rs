@@ -10,6 +10,7 @@
 //! every client is closed with [`close::SERVER_RESTARTING`](chorus_protocol::close), and the
 //! process exits within the drain timeout.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod connection;
@@ -17,7 +18,9 @@ pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod ordering;
+pub mod outbox;
 pub mod queue;
+pub mod rate;
 mod routes;
 pub mod verify;
 
@@ -30,6 +33,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use chorus_service::http::HttpSettings;
+
+use crate::auth::{AuthConfigError, Authenticator};
 use crate::bus::{Endpoint, TopicSubscriptions, subscribe_and_confirm};
 use crate::config::BusKind;
 pub use crate::config::{Config, ConfigError};
@@ -38,6 +44,7 @@ use crate::hub::{Hub, HubSettings};
 use crate::log::MessageLog;
 use crate::metrics::GatewayMetrics;
 use crate::queue::GatewayQueue;
+use crate::rate::Rate;
 use crate::verify::{CertSource, Verifier};
 
 /// The gateway's external effects, built once at start-up.
@@ -57,6 +64,8 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error("building the SNS verifier: {0}")]
     Verifier(#[from] reqwest::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
     #[error("subscribing to the topic failed: {0}")]
     Subscribe(#[from] bus::BusError),
     #[error("serving failed: {0}")]
@@ -76,6 +85,9 @@ pub(crate) struct AppState {
     /// The chat page, rendered once.
     pub(crate) page: Arc<str>,
     pub(crate) connections: TaskTracker,
+    pub(crate) auth: Arc<Authenticator>,
+    /// One permit per WebSocket connection (`--max-connections`).
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves, then drains.
@@ -90,6 +102,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     config.validate()?;
+    let auth = Arc::new(Authenticator::new(&config.auth())?);
     let bound = listener.local_addr()?;
     let gateway_id = config
         .gateway_id
@@ -146,7 +159,18 @@ pub async fn run(
             metrics: Arc::clone(&metrics),
             settings: ConnectionSettings {
                 queue_len: config.send_queue,
+                queue_bytes: config.send_queue_bytes,
                 max_rooms: config.max_rooms_per_connection,
+                sends: Rate {
+                    per_sec: config.sends_per_sec,
+                    burst: config.send_burst,
+                },
+                joins: Rate {
+                    per_sec: config.joins_per_sec,
+                    burst: config.join_burst,
+                },
+                ping_interval: Duration::from_millis(config.ping_interval_ms),
+                idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             },
             drain: drain.clone(),
         },
@@ -156,6 +180,8 @@ pub async fn run(
         ready: Arc::clone(&ready),
         page: routes::chat_page(&gateway_id, &config.web_fallback).into(),
         connections: connections.clone(),
+        auth,
+        slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         config: Arc::new(config),
     };
     let config = Arc::clone(&state.config);
@@ -172,11 +198,14 @@ pub async fn run(
 
     // Serve first: SNS may post a SubscriptionConfirmation while we subscribe.
     let stop_server = CancellationToken::new();
-    let server = tokio::spawn(
-        axum::serve(listener, routes::router(state))
-            .with_graceful_shutdown(stop_server.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server = tokio::spawn(chorus_service::http::serve(
+        listener,
+        routes::router(state),
+        HttpSettings {
+            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        },
+        stop_server.clone().cancelled_owned(),
+    ));
     tracing::info!(gateway = %gateway_id, addr = %bound, "gateway listening");
 
     let (endpoint, queue) = match config.bus {

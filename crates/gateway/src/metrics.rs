@@ -31,6 +31,18 @@ pub struct GatewayMetrics {
     pub rejected_signature: Counter,
     pub rejected_payload: Counter,
     pub tail_fills: Counter,
+    pub refused_full: Counter,
+    pub refused_missing: Counter,
+    pub refused_malformed: Counter,
+    pub refused_signature: Counter,
+    pub refused_expired: Counter,
+    pub refused_audience: Counter,
+    pub rate_limited_sends: Counter,
+    pub rate_limited_joins: Counter,
+    pub forbidden_joins: Counter,
+    pub room_limit_hits: Counter,
+    pub idle_timeouts: Counter,
+    pub tokens_expired: Counter,
 }
 
 impl GatewayMetrics {
@@ -140,6 +152,53 @@ impl GatewayMetrics {
                 "kind",
                 &[("gap", &self.gap_fills), ("tail", &self.tail_fills)],
             )
+            .counter(
+                "chorus_gateway_connections_refused_total",
+                "WebSocket requests refused, by reason: the gateway was full, or the credentials \
+                 were missing, malformed, badly signed, expired or for another audience.",
+                "reason",
+                &[
+                    ("full", &self.refused_full),
+                    ("missing", &self.refused_missing),
+                    ("malformed", &self.refused_malformed),
+                    ("signature", &self.refused_signature),
+                    ("expired", &self.refused_expired),
+                    ("audience", &self.refused_audience),
+                ],
+            )
+            .counter(
+                "chorus_gateway_requests_limited_total",
+                "Client requests refused by a limit, by limit.",
+                "limit",
+                &[
+                    ("send_rate", &self.rate_limited_sends),
+                    ("join_rate", &self.rate_limited_joins),
+                    ("room_not_allowed", &self.forbidden_joins),
+                    ("rooms_per_connection", &self.room_limit_hits),
+                ],
+            )
+            .counter(
+                "chorus_gateway_closed_total",
+                "Connections the gateway closed, by reason (slow consumers are counted apart).",
+                "reason",
+                &[
+                    ("idle", &self.idle_timeouts),
+                    ("token_expired", &self.tokens_expired),
+                ],
+            )
             .finish()
+    }
+
+    /// Counts a refused WebSocket request under its reason.
+    pub fn refused(&self, reason: &str) {
+        match reason {
+            "full" => &self.refused_full,
+            "missing" => &self.refused_missing,
+            "signature" => &self.refused_signature,
+            "expired" => &self.refused_expired,
+            "audience" => &self.refused_audience,
+            _ => &self.refused_malformed,
+        }
+        .inc();
     }
 }

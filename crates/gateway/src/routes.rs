@@ -1,19 +1,21 @@
 //! HTTP routes of the gateway.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chorus_protocol::frames::{MAX_CLIENT_FRAME_BYTES, SUBPROTOCOL};
-use chorus_protocol::{BusPayload, UserId};
+use chorus_protocol::{BusPayload, close};
 
 use crate::AppState;
+use crate::auth::Offered;
 use crate::bus::SnsEnvelope;
 use crate::connection;
 
@@ -90,6 +92,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 async fn websocket(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if !state.ready.load(Ordering::Acquire) {
@@ -98,26 +101,49 @@ async fn websocket(
             "gateway not ready (starting or draining): connect to another gateway",
         );
     }
-    if !state.config.insecure_dev_users {
-        return plain(
-            StatusCode::UNAUTHORIZED,
-            "no authentication is configured on this gateway (dev users are off)",
-        );
-    }
-    let user = match params.get("user").map(|u| UserId::parse(u.as_str())) {
-        Some(Ok(user)) => user,
-        Some(Err(e)) => return plain(StatusCode::BAD_REQUEST, e.to_string()),
-        None => return plain(StatusCode::BAD_REQUEST, "missing ?user=NAME (dev mode)"),
+    let offered = Offered {
+        protocols: headers
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok()),
+        query_token: params.get("token").map(String::as_str),
+        query_user: params.get("user").map(String::as_str),
     };
-    let ctx = state.connection.clone();
-    let tracker = state.connections.clone();
-    upgrade
+    let identity = match state.auth.authenticate(offered) {
+        Ok(identity) => identity,
+        Err(e) => {
+            state.metrics.refused(e.reason());
+            // The reason only: never the token or the query string.
+            tracing::debug!(reason = e.reason(), "WebSocket request refused");
+            return plain(StatusCode::UNAUTHORIZED, e.to_string());
+        }
+    };
+    let upgrade = upgrade
         .protocols([SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(MAX_CLIENT_FRAME_BYTES)
-        .max_frame_size(MAX_CLIENT_FRAME_BYTES)
-        .on_upgrade(move |socket| tracker.track_future(connection::serve(socket, user, ctx)))
+        .max_frame_size(MAX_CLIENT_FRAME_BYTES);
+    let Ok(slot) = Arc::clone(&state.slots).try_acquire_owned() else {
+        // Told over the socket, so that browsers (which cannot read an HTTP refusal) see why.
+        state.metrics.refused("full");
+        return upgrade.on_upgrade(|mut socket| async move {
+            let reason = "gateway full: reconnect to another gateway and resume";
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: close::GATEWAY_FULL,
+                    reason: reason.into(),
+                })))
+                .await;
+        });
+    };
+    let ctx = state.connection.clone();
+    let tracker = state.connections.clone();
+    upgrade.on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            connection::serve(socket, identity, ctx).await;
+            drop(slot);
+        })
+    })
 }
 
 async fn sns(State(state): State<AppState>, body: Bytes) -> Response {

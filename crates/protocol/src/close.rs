@@ -12,6 +12,14 @@ pub const SLOW_CONSUMER: u16 = 4001;
 /// The gateway could not guarantee order for a room (a gap it could not repair): reconnect and
 /// resume.
 pub const RESYNC: u16 = 4002;
+/// The connection's token expired: reconnect with a fresh token and resume.
+pub const TOKEN_EXPIRED: u16 = 4003;
+/// The gateway holds as many connections as it is configured for: reconnect (another gateway,
+/// after a randomized backoff) and resume.
+pub const GATEWAY_FULL: u16 = 4004;
+/// Nothing was heard from the client (not even a pong) within the idle timeout: reconnect and
+/// resume.
+pub const IDLE_TIMEOUT: u16 = 4005;
 /// The client broke the protocol in a way that ends the connection (e.g. a binary frame).
 pub const PROTOCOL_VIOLATION: u16 = 4500;
 
@@ -29,6 +37,9 @@ mod tests {
         assert!(should_resume(SERVER_RESTARTING));
         assert!(should_resume(SLOW_CONSUMER));
         assert!(should_resume(RESYNC));
+        assert!(should_resume(TOKEN_EXPIRED));
+        assert!(should_resume(GATEWAY_FULL));
+        assert!(should_resume(IDLE_TIMEOUT));
         assert!(!should_resume(PROTOCOL_VIOLATION));
         assert!(!should_resume(1000));
     }

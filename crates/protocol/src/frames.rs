@@ -74,6 +74,11 @@ pub enum ErrorCode {
     Unavailable,
     /// A per-connection limit was reached (e.g. rooms per connection); the request was ignored.
     LimitExceeded,
+    /// Too many sends or joins per second: this one was ignored; slow down and retry it (a send
+    /// with the same id).
+    RateLimited,
+    /// The connection's token does not allow this room; the request was ignored.
+    Forbidden,
 }
 
 /// Why a client frame was refused.

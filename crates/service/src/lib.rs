@@ -1,6 +1,7 @@
 //! What every Chorus service binary shares at its edge: logging set-up, the shutdown signal,
 //! Prometheus text exposition and AWS configuration. Nothing here knows about chat.
 
+pub mod http;
 pub mod metrics;
 pub mod systemd;
 
