@@ -60,11 +60,25 @@ impl Client {
     /// # Errors
     /// When the connection or handshake fails (the gateway's HTTP answer is in the error).
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Client::connect_with_token(url, None).await
+    }
+
+    /// Connects to `url` with a JWT, offered as the subprotocol `bearer.<token>` next to
+    /// `chorus.v1` (so it stays out of URLs and access logs).
+    ///
+    /// # Errors
+    /// When the connection or handshake fails (the gateway's HTTP answer, e.g. why the token was
+    /// refused, is in the error).
+    pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Client, ClientError> {
         let mut request = url.into_client_request()?;
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
+        let protocols = match token {
+            Some(token) => HeaderValue::from_str(&format!("{SUBPROTOCOL}, bearer.{token}"))
+                .map_err(|_| ClientError::Unexpected("the token has invalid characters".into()))?,
+            None => HeaderValue::from_static(SUBPROTOCOL),
+        };
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols);
         let (socket, _response) = tokio_tungstenite::connect_async(request).await?;
         Ok(Client {
             socket,

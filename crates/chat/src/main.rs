@@ -26,9 +26,13 @@ struct Cli {
     /// Room to join.
     #[arg(long, default_value = "lobby")]
     room: String,
-    /// Your name (dev mode: sent as ?user=NAME).
+    /// Your name (dev mode: sent as ?user=NAME). Ignored with a token.
     #[arg(long, default_value = "guest")]
     user: String,
+    /// A JWT for gateways that take tokens (its `sub` is your name). Prefer the environment
+    /// variable: command lines are visible to other users of the machine.
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -56,7 +60,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.demo {
         Some(Demo::Demo { a, b, room }) => demo(&a, &b, &room).await,
-        None => chat(&cli.urls, &cli.room, &cli.user).await,
+        None => chat(&cli.urls, &cli.room, &cli.user, cli.token.as_deref()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,14 +75,22 @@ fn parse_room(room: &str) -> Result<RoomId, ClientError> {
     RoomId::parse(room).map_err(|e| ClientError::Unexpected(e.to_string()))
 }
 
-async fn chat(urls: &[String], room: &str, user: &str) -> Result<(), ClientError> {
+async fn chat(
+    urls: &[String],
+    room: &str,
+    user: &str,
+    token: Option<&str>,
+) -> Result<(), ClientError> {
     let room = parse_room(room)?;
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut last = None;
     let mut attempt = 0usize;
     loop {
-        let url = with_user(&urls[attempt % urls.len()], user);
-        let mut client = match Client::connect(&url).await {
+        let url = match token {
+            Some(_) => urls[attempt % urls.len()].clone(),
+            None => with_user(&urls[attempt % urls.len()], user),
+        };
+        let mut client = match Client::connect_with_token(&url, token).await {
             Ok(client) => client,
             Err(e) => {
                 eprintln!("* cannot connect to {url}: {e}");

@@ -75,6 +75,8 @@ pub enum AuthError {
     Missing,
     #[error("this gateway takes tokens only (no ?user= names)")]
     DevUsersOff,
+    #[error("missing ?user=NAME (dev mode)")]
+    MissingDevUser,
     #[error("the token is not a well-formed JWT")]
     Malformed,
     #[error("the token is longer than {MAX_TOKEN_BYTES} bytes")]
@@ -101,7 +103,10 @@ impl AuthError {
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            AuthError::Missing | AuthError::DevUsersOff | AuthError::DevUser(_) => "missing",
+            AuthError::Missing
+            | AuthError::MissingDevUser
+            | AuthError::DevUsersOff
+            | AuthError::DevUser(_) => "missing",
             AuthError::Malformed | AuthError::TooLong | AuthError::Claims(_) => "malformed",
             AuthError::Algorithm(_) | AuthError::Signature => "signature",
             AuthError::Expired | AuthError::NotYetValid => "expired",
@@ -314,6 +319,7 @@ impl Authenticator {
                 expires: None,
             }),
             (_, Some(_)) => Err(AuthError::DevUsersOff),
+            _ if self.dev_users && !self.takes_tokens() => Err(AuthError::MissingDevUser),
             _ => Err(AuthError::Missing),
         }
     }

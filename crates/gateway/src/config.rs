@@ -164,7 +164,7 @@ pub struct Config {
         long,
         global = true,
         env = "CHORUS_SEND_QUEUE_BYTES",
-        default_value_t = 256 * 1024
+        default_value_t = 1024 * 1024
     )]
     pub send_queue_bytes: usize,
     /// WebSocket connections this gateway holds at once; one more is closed with code 4004

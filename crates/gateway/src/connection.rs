@@ -44,7 +44,7 @@ impl Default for ConnectionSettings {
     fn default() -> Self {
         ConnectionSettings {
             queue_len: 512,
-            queue_bytes: 256 * 1024,
+            queue_bytes: 1024 * 1024,
             max_rooms: 100,
             sends: Rate {
                 per_sec: 20,
@@ -80,6 +80,9 @@ struct Session {
 }
 
 type Close = (u16, &'static str);
+
+/// How long a closing connection may take to get its last frames and the close frame out.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 const RESTARTING: Close = (
     close::SERVER_RESTARTING,
@@ -179,8 +182,15 @@ where
         let _ = close_tx.send(code);
     }
     drop(member);
-    // The writer ends once it has sent the close frame, or when the queue closes.
-    let _ = writer.await;
+    // The writer ends once it has sent the close frame, or when the queue closes. A client that
+    // does not read would keep it waiting on the socket: after a grace period, the socket goes.
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     ctx.metrics.connections.dec();
     tracing::debug!(user = %session.identity.user, "disconnected");
 }

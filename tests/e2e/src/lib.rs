@@ -356,6 +356,16 @@ impl Stack {
             "5000",
             "--gap-timeout-ms",
             "200",
+            // Tests and chaos drive clients far faster than people type; the per-connection
+            // rate limits have tests of their own (crates/gateway/tests/clients.rs).
+            "--sends-per-sec",
+            "10000",
+            "--send-burst",
+            "10000",
+            "--joins-per-sec",
+            "10000",
+            "--join-burst",
+            "10000",
         ];
         args.extend_from_slice(extra);
         let gateway = Service::start(&name, "chorus-gateway", &args, &[], "gateway listening")?;

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use chorus_chat::{Client, Received};
+use chorus_chat::{Client, ClientError, Received};
 use chorus_e2e::Stack;
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
+use tokio_tungstenite::tungstenite;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -304,7 +305,12 @@ async fn connecting_without_a_user_in_dev_mode_is_refused_with_a_reason() {
     let stack = Stack::start(1).await.unwrap();
     let url = format!("ws://{}/ws", stack.gateways[0].addr);
     let err = Client::connect(&url).await.err().expect("refused");
-    assert!(err.to_string().contains("400"), "{err}");
+    assert!(err.to_string().contains("401"), "{err}");
+    let ClientError::WebSocket(tungstenite::Error::Http(response)) = err else {
+        panic!("expected an HTTP refusal")
+    };
+    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+    assert!(body.contains("?user=NAME"), "{body}");
 }
 
 #[tokio::test]

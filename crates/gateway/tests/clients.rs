@@ -1,0 +1,477 @@
+//! What one gateway does with its clients, seen from the clients: tokens, limits, heartbeats and
+//! slow consumers. Each client that breaks a limit is told why, and the others carry on.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chorus_chat::{Client, ClientError, Received};
+use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
+use common::{Gateway, WAIT};
+use futures_util::StreamExt as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite;
+
+const SECRET: &[u8] = b"a test secret of more than thirty-two bytes";
+
+fn room(name: &str) -> RoomId {
+    RoomId::parse(name).unwrap()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(secret: &[u8], sub: &str, rooms: &[&str], exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "rooms": rooms, "exp": exp}),
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// A gateway that takes tokens signed with [`SECRET`] (and no dev users).
+async fn token_gateway(configure: impl FnOnce(&mut chorus_gateway::Config)) -> Gateway {
+    let path = std::env::temp_dir().join(format!("chorus-clients-test-{}", std::process::id()));
+    std::fs::write(&path, SECRET).unwrap();
+    Gateway::start(|config| {
+        config.insecure_dev_users = false;
+        config.jwt_secret_file = vec![path];
+        config.jwt_leeway_secs = 0;
+        configure(config);
+    })
+    .await
+}
+
+/// The HTTP status and body of a refused handshake.
+fn refusal(err: ClientError) -> (u16, String) {
+    match err {
+        ClientError::WebSocket(tungstenite::Error::Http(response)) => (
+            response.status().as_u16(),
+            String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+async fn join(client: &mut Client, name: &str) -> ServerFrame {
+    client
+        .send_raw(json!({"type": "join", "room": name}).to_string())
+        .await
+        .unwrap();
+    client.next_frame(WAIT).await.unwrap()
+}
+
+fn is_error(frame: &ServerFrame, code: ErrorCode) -> bool {
+    matches!(frame, ServerFrame::Error { code: c, .. } if *c == code)
+}
+
+/// Reads until the gateway closes the connection; returns the close code.
+async fn closed_with(client: &mut Client) -> u16 {
+    loop {
+        match client.recv_timeout(WAIT).await.unwrap() {
+            Some(Received::Closed { code, .. }) => return code,
+            Some(Received::Frame(_)) => continue,
+            None => panic!("not closed within {WAIT:?}"),
+        }
+    }
+}
+
+/// Polls `/metrics` until it contains every line.
+async fn wait_for_metrics(gateway: &Gateway, lines: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = gateway.metrics().await;
+        if lines.iter().all(|line| text.lines().any(|l| l == *line)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed {lines:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_token_names_the_sender_and_its_rooms_claim_authorizes_joins() {
+    let gateway = token_gateway(|_| {}).await;
+    let john = token(SECRET, "john", &["lobby", "team-*"], now() + 600);
+    let mut client = Client::connect_with_token(&gateway.ws_url(), Some(&john))
+        .await
+        .unwrap();
+    assert!(matches!(
+        join(&mut client, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+    assert!(matches!(
+        join(&mut client, "team-red").await,
+        ServerFrame::Joined { .. }
+    ));
+    let refused = join(&mut client, "admin").await;
+    assert!(is_error(&refused, ErrorCode::Forbidden), "{refused:?}");
+
+    // The sender is the token's subject.
+    client.send(&room("lobby"), "hello").await.unwrap();
+    let (message, _) = client
+        .wait_for(WAIT, "own message", |f| {
+            matches!(f, ServerFrame::Message(_))
+        })
+        .await
+        .unwrap();
+    let ServerFrame::Message(message) = message else {
+        unreachable!()
+    };
+    assert_eq!(message.sender.as_str(), "john");
+
+    // The query parameter works too (for clients that cannot set a subprotocol).
+    let lucy = token(SECRET, "lucy", &["lobby"], now() + 600);
+    let mut by_query = Client::connect(&format!("{}?token={lucy}", gateway.ws_url()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        join(&mut by_query, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+}
+
+#[tokio::test]
+async fn expired_forged_and_missing_tokens_are_refused_with_the_reason() {
+    let gateway = token_gateway(|_| {}).await;
+    let url = gateway.ws_url();
+    let expired = token(SECRET, "john", &["*"], now() - 60);
+    let forged = token(
+        b"not the gateway's secret, but long enough",
+        "john",
+        &["*"],
+        now() + 600,
+    );
+    for (offered, reason) in [
+        (Some(expired.as_str()), "expired"),
+        (Some(forged.as_str()), "signature"),
+        (Some("not-a-jwt"), "not a well-formed JWT"),
+        (None, "no token"),
+    ] {
+        let err = Client::connect_with_token(&url, offered)
+            .await
+            .err()
+            .unwrap();
+        let (status, body) = refusal(err);
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains(reason), "{reason:?} not in {body:?}");
+    }
+    // Dev names are off on a gateway that takes tokens.
+    let err = Client::connect(&gateway.user_url("john"))
+        .await
+        .err()
+        .unwrap();
+    let (status, body) = refusal(err);
+    assert_eq!(status, 401);
+    assert!(body.contains("tokens only"), "{body}");
+    wait_for_metrics(
+        &gateway,
+        &[
+            r#"chorus_gateway_connections_refused_total{reason="expired"} 1"#,
+            r#"chorus_gateway_connections_refused_total{reason="signature"} 1"#,
+            r#"chorus_gateway_connections_refused_total{reason="missing"} 2"#,
+            "chorus_gateway_connections 0",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_token_expires() {
+    let gateway = token_gateway(|config| {
+        config.ping_interval_ms = 100;
+        config.idle_timeout_ms = 5_000;
+    })
+    .await;
+    let short = token(SECRET, "john", &["lobby"], now() + 2);
+    let mut client = Client::connect_with_token(&gateway.ws_url(), Some(&short))
+        .await
+        .unwrap();
+    assert!(matches!(
+        join(&mut client, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+    assert_eq!(closed_with(&mut client).await, close::TOKEN_EXPIRED);
+}
+
+#[tokio::test]
+async fn over_the_send_rate_a_client_is_told_and_the_others_carry_on() {
+    let gateway = Gateway::start(|config| {
+        config.sends_per_sec = 1;
+        config.send_burst = 2;
+    })
+    .await;
+    let mut john = Client::connect(&gateway.user_url("john")).await.unwrap();
+    let mut lucy = Client::connect(&gateway.user_url("lucy")).await.unwrap();
+    join(&mut john, "lobby").await;
+    join(&mut lucy, "lobby").await;
+    for id in ["a1", "a2", "a3"] {
+        john.send_raw(json!({"type": "send", "room": "lobby", "id": id, "body": id}).to_string())
+            .await
+            .unwrap();
+    }
+    let (limited, _) = john
+        .wait_for(WAIT, "rate_limited", |f| {
+            is_error(f, ErrorCode::RateLimited)
+        })
+        .await
+        .unwrap();
+    let ServerFrame::Error {
+        reference, message, ..
+    } = limited
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        reference.as_deref(),
+        Some("a3"),
+        "the refused send is named"
+    );
+    assert!(message.contains("retry it with the same id"), "{message}");
+
+    // Lucy got the two sends that went through, and her own send is not limited by John's.
+    let mut bodies = Vec::new();
+    while bodies.len() < 2 {
+        if let ServerFrame::Message(m) = lucy.next_frame(WAIT).await.unwrap() {
+            bodies.push(m.body.as_str().to_owned());
+        }
+    }
+    assert_eq!(bodies, ["a1", "a2"]);
+    lucy.send(&room("lobby"), "mine").await.unwrap();
+    lucy.wait_for(WAIT, "ack", |f| matches!(f, ServerFrame::Ack { .. }))
+        .await
+        .unwrap();
+    wait_for_metrics(
+        &gateway,
+        &[r#"chorus_gateway_requests_limited_total{limit="send_rate"} 1"#],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn over_the_join_rate_a_client_is_told_which_join_was_ignored() {
+    let gateway = Gateway::start(|config| {
+        config.joins_per_sec = 1;
+        config.join_burst = 2;
+    })
+    .await;
+    let mut client = Client::connect(&gateway.user_url("john")).await.unwrap();
+    assert!(matches!(
+        join(&mut client, "r1").await,
+        ServerFrame::Joined { .. }
+    ));
+    assert!(matches!(
+        join(&mut client, "r2").await,
+        ServerFrame::Joined { .. }
+    ));
+    let refused = join(&mut client, "r3").await;
+    let ServerFrame::Error { code, message, .. } = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(code, ErrorCode::RateLimited);
+    assert!(message.contains("r3"), "{message}");
+}
+
+#[tokio::test]
+async fn a_full_gateway_closes_one_more_connection_with_the_code_that_says_so() {
+    let gateway = Gateway::start(|config| config.max_connections = 2).await;
+    let mut first = Client::connect(&gateway.user_url("a")).await.unwrap();
+    let _second = Client::connect(&gateway.user_url("b")).await.unwrap();
+    let mut third = Client::connect(&gateway.user_url("c")).await.unwrap();
+    match third.recv_timeout(WAIT).await.unwrap() {
+        Some(Received::Closed { code, reason }) => {
+            assert_eq!(code, close::GATEWAY_FULL);
+            assert!(reason.contains("full"), "{reason}");
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    assert!(matches!(
+        join(&mut first, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+    // A slot frees when a connection ends.
+    first.close().await.unwrap();
+    wait_for_metrics(&gateway, &["chorus_gateway_connections 1"]).await;
+    let mut fourth = Client::connect(&gateway.user_url("d")).await.unwrap();
+    assert!(matches!(
+        join(&mut fourth, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_and_one_that_answers_pings_is_not() {
+    let gateway = Gateway::start(|config| {
+        config.ping_interval_ms = 100;
+        config.idle_timeout_ms = 300;
+    })
+    .await;
+    // A raw socket that completes the handshake, then says nothing (not even pongs).
+    let mut silent = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    silent
+        .write_all(
+            b"GET /ws?user=silent HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut lively = Client::connect(&gateway.user_url("lively")).await.unwrap();
+    let idle = r#"chorus_gateway_closed_total{reason="idle"} 1"#;
+    // The lively client reads (and so answers pings) while the silent one times out.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !gateway.metrics().await.lines().any(|l| l == idle) {
+        assert!(tokio::time::Instant::now() < deadline, "nobody timed out");
+        assert_eq!(
+            lively
+                .recv_timeout(Duration::from_millis(50))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+    // Two more idle timeouts of reading: still open.
+    assert_eq!(
+        lively
+            .recv_timeout(Duration::from_millis(700))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(matches!(
+        join(&mut lively, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+    // The silent socket got the handshake, pings, and a close frame with the idle code.
+    let mut bytes = Vec::new();
+    tokio::time::timeout(WAIT, silent.read_to_end(&mut bytes))
+        .await
+        .expect("the gateway closes the socket")
+        .unwrap();
+    assert!(bytes.starts_with(b"HTTP/1.1 101"));
+    let [high, low] = close::IDLE_TIMEOUT.to_be_bytes();
+    assert!(
+        bytes
+            .windows(4)
+            .any(|w| w[0] == 0x88 && w[2] == high && w[3] == low),
+        "no close frame with code {}",
+        close::IDLE_TIMEOUT
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_delay_the_others() {
+    let gateway = Gateway::start(|config| {
+        config.send_queue = 64;
+        config.send_queue_bytes = 512 * 1024;
+    })
+    .await;
+    let lobby = room("lobby");
+    // The stalled client: a tiny receive buffer, joins, then reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gateway.addr).await.unwrap();
+    let (mut stalled, _) = tokio_tungstenite::client_async(gateway.user_url("stalled"), stream)
+        .await
+        .unwrap();
+    futures_util::SinkExt::send(
+        &mut stalled,
+        tungstenite::Message::text(r#"{"type":"join","room":"lobby"}"#),
+    )
+    .await
+    .unwrap();
+    let mut readers = Vec::new();
+    for name in ["john", "lucy"] {
+        let mut client = Client::connect(&gateway.user_url(name)).await.unwrap();
+        join(&mut client, "lobby").await;
+        readers.push(client);
+    }
+    wait_for_metrics(
+        &gateway,
+        &[r#"chorus_gateway_room_changes_total{kind="join"} 3"#],
+    )
+    .await;
+
+    // Far more than the stalled socket's kernel buffers and queue hold: 400 × 16 KiB.
+    const MESSAGES: u64 = 400;
+    let events = gateway
+        .log
+        .store(&lobby, (0..MESSAGES).map(|i| format!("{i:0>16384}")));
+    let feeder = {
+        let log = std::sync::Arc::clone(&gateway.log);
+        tokio::spawn(async move {
+            for chunk in events.chunks(4) {
+                log.deliver(chunk.to_vec()).await;
+            }
+        })
+    };
+    // Everyone who reads gets everything, in order, while the stalled client reads nothing.
+    let readers: Vec<_> = readers
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                for seq in 1..=MESSAGES {
+                    match client.next_frame(WAIT).await.unwrap() {
+                        ServerFrame::Message(m) => assert_eq!(m.seq, Seq(seq)),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    feeder.await.unwrap();
+    wait_for_metrics(&gateway, &["chorus_gateway_slow_consumers_total 1"]).await;
+
+    // When the stalled client reads at last: a gap-free prefix, then the resume code.
+    let mut next = 1;
+    let code = loop {
+        match stalled.next().await {
+            Some(Ok(tungstenite::Message::Text(text))) => {
+                let frame: ServerFrame = serde_json::from_str(text.as_str()).unwrap();
+                if let ServerFrame::Message(m) = frame {
+                    assert_eq!(m.seq, Seq(next), "no gap before the close");
+                    next += 1;
+                }
+            }
+            Some(Ok(tungstenite::Message::Close(Some(frame)))) => break u16::from(frame.code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected frames then a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, close::SLOW_CONSUMER);
+    assert!(next - 1 < MESSAGES, "the stalled client was cut off early");
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_request_headers_is_cut_off() {
+    let gateway = Gateway::start(|config| config.header_read_timeout_ms = 200).await;
+    let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    slow.write_all(b"GET /ws?user=slow HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    // Never finishes its headers: the gateway hangs up (instead of holding the socket forever).
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, slow.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    // Others are served meanwhile and after.
+    let mut client = Client::connect(&gateway.user_url("john")).await.unwrap();
+    assert!(matches!(
+        join(&mut client, "lobby").await,
+        ServerFrame::Joined { .. }
+    ));
+}
