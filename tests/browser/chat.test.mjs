@@ -4,11 +4,14 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
+import { execFileSync } from "node:child_process";
 import { chromium } from "playwright-core";
 
 const A = process.env.CHORUS_PAGE_A ?? "http://127.0.0.1:8081/";
 const B = process.env.CHORUS_PAGE_B ?? "http://127.0.0.1:8082/";
 const gatewayAPid = Number(process.env.CHORUS_GATEWAY_A_PID);
+const jwtSecret = process.env.CHORUS_JWT_SECRET;
+const chatBin = process.env.CHORUS_CHAT_BIN ?? "target/debug/chorus-chat";
 const artifacts = process.env.CHORUS_ARTIFACTS ?? "artifacts";
 const room = `browser-${Date.now()}`;
 const WAIT = { timeout: 15000 };
@@ -23,11 +26,18 @@ async function open(browser, url) {
   return page;
 }
 
-async function join(page, name) {
+async function join(page, name, token = "") {
   await page.fill("#room", room);
   await page.fill("#name", name);
+  await page.fill("#token", token);
   await page.click("#join-button");
   await page.waitForSelector('#status[data-state="live"]', WAIT);
+}
+
+/** A client token as an auth service would issue it (signed with the dev stack's secret). */
+function mintToken(sub, rooms) {
+  return execFileSync(chatBin, ["mint-token", "--secret-file", jwtSecret, "--sub", sub,
+    "--rooms", rooms.join(",")], { encoding: "utf8" }).trim();
 }
 
 async function say(page, text) {
@@ -59,13 +69,18 @@ test("two windows on two gateways chat, and a drained gateway's window resumes e
     const lucy = await open(browser, B);
     assert.equal(await john.textContent("#gateway"), "gateway-a");
     assert.equal(await lucy.textContent("#gateway"), "gateway-b");
+    assert.ok(jwtSecret, "CHORUS_JWT_SECRET must name the dev stack's token secret");
+    // John uses a dev name; Lucy signs in with a token (sent as a subprotocol), whose sub
+    // names her, whatever the name field says.
     await join(john, "john");
-    await join(lucy, "lucy");
+    await join(lucy, "", mintToken("lucy", [room]));
 
     await say(john, "Hello world");
     await sees(lucy, "Hello world");
     await say(lucy, "Hi John");
     await sees(john, "Hi John");
+    const sender = await john.textContent('#messages li:has-text("Hi John") .who');
+    assert.equal(sender, "lucy", "the sender of a token user's message is the token's sub");
     await john.screenshot({ path: `${artifacts}/browser-john-gateway-a.png` });
     await lucy.screenshot({ path: `${artifacts}/browser-lucy-gateway-b.png` });
 
@@ -84,6 +99,13 @@ test("two windows on two gateways chat, and a drained gateway's window resumes e
     assert.deepEqual(await transcript(lucy), expected, "Lucy sees every message once, in order");
     await john.screenshot({ path: `${artifacts}/browser-john-after-drain.png` });
     await lucy.screenshot({ path: `${artifacts}/browser-lucy-after-drain.png` });
+
+    // A token that does not allow the room: the page says so.
+    const mallory = await open(browser, B);
+    await mallory.fill("#room", room);
+    await mallory.fill("#token", mintToken("mallory", ["elsewhere"]));
+    await mallory.click("#join-button");
+    await mallory.waitForSelector('#error:has-text("does not allow this room")', WAIT);
   } finally {
     await browser.close();
   }

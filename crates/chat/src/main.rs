@@ -46,6 +46,22 @@ enum Demo {
         #[arg(long, default_value = "lobby")]
         room: String,
     },
+    /// Print an HS256 client token signed with a gateway's secret (for development and tests;
+    /// production tokens come from your auth service).
+    MintToken {
+        /// The gateway's `--jwt-secret-file`.
+        #[arg(long)]
+        secret_file: std::path::PathBuf,
+        /// The user (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Rooms the token allows: exact names or `prefix*` (`*`: every room).
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        rooms: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -60,6 +76,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.demo {
         Some(Demo::Demo { a, b, room }) => demo(&a, &b, &room).await,
+        Some(Demo::MintToken {
+            secret_file,
+            sub,
+            rooms,
+            ttl_secs,
+        }) => mint_token(&secret_file, &sub, &rooms, ttl_secs),
         None => chat(&cli.urls, &cli.room, &cli.user, cli.token.as_deref()).await,
     };
     match result {
@@ -69,6 +91,35 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn mint_token(
+    secret_file: &std::path::Path,
+    sub: &str,
+    rooms: &[String],
+    ttl_secs: u64,
+) -> Result<(), ClientError> {
+    let fail = |e: String| ClientError::Unexpected(e);
+    let mut secret = std::fs::read(secret_file)
+        .map_err(|e| fail(format!("reading {}: {e}", secret_file.display())))?;
+    // As the gateway reads it: a trailing newline is not part of the secret.
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| fail(e.to_string()))?
+        .as_secs();
+    let claims = serde_json::json!({"sub": sub, "rooms": rooms, "iat": now, "exp": now + ttl_secs});
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(&secret),
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    println!("{token}");
+    Ok(())
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ClientError> {
