@@ -169,6 +169,11 @@ impl RoomMap {
         &self.shards[(hash % Self::SHARDS as u64) as usize]
     }
 
+    /// The shard of `room`, locked for writing.
+    fn write(&self, room: &RoomId) -> std::sync::RwLockWriteGuard<'_, Rooms> {
+        self.shard(room).write().expect("room map lock poisoned")
+    }
+
     fn get(&self, room: &RoomId) -> Option<Arc<Mutex<Room>>> {
         self.shard(room)
             .read()
@@ -392,12 +397,7 @@ impl Hub {
     async fn open_room(&self, room_id: &RoomId) -> Result<Arc<Mutex<Room>>, LogError> {
         loop {
             let room_arc = {
-                let mut rooms = self
-                    .inner
-                    .rooms
-                    .shard(room_id)
-                    .write()
-                    .expect("room map lock poisoned");
+                let mut rooms = self.inner.rooms.write(room_id);
                 Arc::clone(rooms.entry(room_id.clone()).or_insert_with(|| {
                     Arc::new(Mutex::new(Room {
                         order: RoomOrder::new(self.inner.settings.max_held_per_room),
@@ -554,12 +554,7 @@ impl Hub {
     }
 
     fn close_if_empty(&self, room_id: &RoomId, room_arc: &Arc<Mutex<Room>>) {
-        let mut rooms = self
-            .inner
-            .rooms
-            .shard(room_id)
-            .write()
-            .expect("room map lock poisoned");
+        let mut rooms = self.inner.rooms.write(room_id);
         let mut room = room_arc.lock().expect("room lock poisoned");
         if room.members.is_empty() && !room.closed {
             room.closed = true;
