@@ -475,3 +475,78 @@ async fn a_client_that_trickles_its_request_headers_is_cut_off() {
         ServerFrame::Joined { .. }
     ));
 }
+
+/// Everything the gateway logs, at every level, into memory.
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn tokens_and_query_strings_never_reach_the_logs() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    // Every level of the server side; this test's own clients (which do send the token) are
+    // left out.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "trace,tungstenite::handshake::client=off,reqwest=off,hyper_util::client=off",
+        ))
+        .with_writer(move || writer.clone())
+        .init();
+    let gateway = token_gateway(|_| {}).await;
+    let good = token(SECRET, "john", &["lobby"], now() + 600);
+    let forged = token(
+        b"a forger's secret, long enough to be used",
+        "eve",
+        &["*"],
+        now() + 600,
+    );
+    let expired = token(SECRET, "john", &["*"], now() - 600);
+    let mut by_protocol = Client::connect_with_token(&gateway.ws_url(), Some(&good))
+        .await
+        .unwrap();
+    join(&mut by_protocol, "lobby").await;
+    let mut by_query = Client::connect(&format!("{}?token={good}", gateway.ws_url()))
+        .await
+        .unwrap();
+    join(&mut by_query, "lobby").await;
+    for refused in [&forged, &expired] {
+        let url = format!(
+            "{}?token={refused}&secret=query-string-marker",
+            gateway.ws_url()
+        );
+        assert!(Client::connect(&url).await.is_err());
+        assert!(
+            Client::connect_with_token(&gateway.ws_url(), Some(refused))
+                .await
+                .is_err()
+        );
+    }
+    by_protocol.close().await.unwrap();
+    by_query.close().await.unwrap();
+    gateway.stop().await;
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("WebSocket request refused"),
+        "the refusals are logged:\n{logs}"
+    );
+    for secret in [&good, &forged, &expired] {
+        for part in secret.split('.') {
+            assert!(
+                !logs.contains(part),
+                "a token part reached the logs:\n{logs}"
+            );
+        }
+    }
+    assert!(!logs.contains("query-string-marker"), "{logs}");
+}
