@@ -57,7 +57,12 @@ pub async fn run_with_metrics_listener(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "writer listening");
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Behind the internal load balancer, but a client that trickles headers still gets cut off.
+    chorus_service::http::serve(
+        listener,
+        router(state),
+        chorus_service::http::HttpSettings::default(),
+        shutdown,
+    )
+    .await
 }
