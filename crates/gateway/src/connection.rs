@@ -150,14 +150,14 @@ where
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {
                 ctx.metrics.frames_rejected.inc();
-                reply(
+                Box::pin(reply(
                     &member,
                     ServerFrame::error(
                         ErrorCode::BadFrame,
                         "binary frames are not supported: send JSON text frames",
                         None,
                     ),
-                )
+                ))
                 .await;
                 continue;
             }
@@ -171,7 +171,9 @@ where
             biased;
             () = ctx.drain.cancelled() => break Some(RESTARTING),
             code = member.kick.kicked() => break Some((code, SLOW)),
-            () = handle_text(&ctx, &member, &mut session, text.as_str()) => {}
+            // Boxed: the handler's state (a join's replay, a send's writer call) lives only while
+            // a frame is handled, not in every idle connection's future (about 1 KiB each).
+            () = Box::pin(handle_text(&ctx, &member, &mut session, text.as_str())) => {}
         }
     };
 

@@ -21,8 +21,9 @@ use crate::connection;
 
 /// Largest SNS post accepted: a 256 KiB message, JSON-escaped, in its envelope.
 const MAX_SNS_POST_BYTES: usize = 1024 * 1024;
-/// Per-connection read buffer: chat frames are small (tungstenite's default is 128 KiB).
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Per-connection read buffer: chat frames are small (tungstenite's default is 128 KiB, and
+/// this one is allocated and resident for every idle connection); a larger frame grows it.
+const READ_BUFFER_BYTES: usize = 2 * 1024;
 /// Per-connection write buffer before a flush.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
