@@ -4,7 +4,7 @@
 //!
 //! Generic over the socket's `Sink`/`Stream`, so tests can drive it with channels.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +20,7 @@ use crate::auth::Identity;
 use crate::hub::{ConnId, Hub, JoinError, Kick, MemberHandle};
 use crate::log::{LogError, MessageLog};
 use crate::metrics::GatewayMetrics;
-use crate::outbox::{Outbound, OutboxReceiver, outbox};
+use crate::outbox::{Close, Next, Outbound, OutboxReceiver, outbox};
 use crate::rate::{Rate, TokenBucket};
 
 /// Per-connection limits.
@@ -79,8 +79,6 @@ struct Session {
     joins: TokenBucket,
 }
 
-type Close = (u16, &'static str);
-
 /// How long a closing connection may take to get its last frames and the close frame out.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -104,8 +102,7 @@ where
         outbox,
         kick: Kick::default(),
     };
-    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<Close>();
-    let writer = tokio::spawn(write_loop(sink, rx, close_rx));
+    let writer = tokio::spawn(write_loop(sink, rx));
     ctx.metrics.connections.inc();
     ctx.metrics.connections_total.inc();
     tracing::debug!(conn = ?member.id, user = %identity.user, "connected");
@@ -180,8 +177,8 @@ where
     for room in &session.rooms {
         ctx.hub.leave(member.id, room);
     }
-    if let Some(code) = close {
-        let _ = close_tx.send(code);
+    if let Some(close) = close {
+        member.outbox.close(close);
     }
     drop(member);
     // The writer ends once it has sent the close frame, or when the queue closes. A client that
@@ -200,7 +197,6 @@ where
 async fn write_loop<S>(
     mut sink: futures_util::stream::SplitSink<S, Message>,
     mut rx: OutboxReceiver,
-    mut close_rx: tokio::sync::oneshot::Receiver<Close>,
 ) where
     S: Sink<Message> + Send,
 {
@@ -210,24 +206,12 @@ async fn write_loop<S>(
             Outbound::Ping => Message::Ping(Default::default()),
         }
     }
+    let mut batch = VecDeque::new();
     loop {
-        tokio::select! {
-            biased;
-            close = &mut close_rx => {
-                if let Ok((code, reason)) = close {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))
-                        .await;
-                }
-                break;
-            }
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                // Batch: queue everything already waiting, then flush once.
-                if sink.feed(message(item)).await.is_err() {
-                    break;
-                }
-                while let Some(item) = rx.try_recv() {
+        match rx.next(&mut batch).await {
+            // Batch: queue everything that was waiting, then flush once.
+            Next::Send => {
+                for item in batch.drain(..) {
                     if sink.feed(message(item)).await.is_err() {
                         return;
                     }
@@ -236,6 +220,16 @@ async fn write_loop<S>(
                     break;
                 }
             }
+            Next::Close((code, reason)) => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    })))
+                    .await;
+                break;
+            }
+            Next::Ended => break,
         }
     }
     let _ = sink.close().await;
