@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use chorus_gateway::bus::{BusError, Endpoint, SubscriptionState, TopicSubscriptions};
+use chorus_gateway::bus::ConfirmedAtOnce;
 use chorus_gateway::log::{LogError, MessageLog};
 use chorus_gateway::verify::CertSource;
 use chorus_gateway::{Config, Deps};
@@ -136,25 +136,6 @@ impl MessageLog for MemoryLog {
     }
 }
 
-/// Subscriptions that SNS confirms at once.
-struct Confirmed;
-
-#[async_trait::async_trait]
-impl TopicSubscriptions for Confirmed {
-    async fn subscribe(&self, _: &Endpoint) -> Result<String, BusError> {
-        Ok(format!("{TOPIC}:subscription"))
-    }
-    async fn state(&self, _: &str) -> Result<SubscriptionState, BusError> {
-        Ok(SubscriptionState::Confirmed)
-    }
-    async fn confirm(&self, _: &str) -> Result<(), BusError> {
-        Ok(())
-    }
-    async fn unsubscribe(&self, _: &str) -> Result<(), BusError> {
-        Ok(())
-    }
-}
-
 /// A running gateway.
 pub(crate) struct Gateway {
     pub(crate) addr: SocketAddr,
@@ -177,7 +158,9 @@ impl Gateway {
         log.sns_url.set(format!("http://{addr}/sns")).unwrap();
         let deps = Deps {
             log: Arc::clone(&log) as Arc<dyn MessageLog>,
-            subscriptions: Arc::new(Confirmed),
+            subscriptions: Arc::new(ConfirmedAtOnce {
+                subscription_arn: format!("{TOPIC}:subscription"),
+            }),
             certs: CertSource::Aws,
             sqs: None,
         };

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_gateway::bus::{BusError, Endpoint, SubscriptionState, TopicSubscriptions};
+use chorus_gateway::bus::ConfirmedAtOnce;
 use chorus_gateway::log::{LogError, MessageLog};
 use chorus_gateway::verify::CertSource;
 use chorus_gateway::{Config, Deps};
@@ -35,25 +35,6 @@ impl MessageLog for EmptyLog {
     }
 }
 
-/// A topic whose subscriptions are confirmed as soon as they are made.
-struct ConfirmedAtOnce;
-
-#[async_trait::async_trait]
-impl TopicSubscriptions for ConfirmedAtOnce {
-    async fn subscribe(&self, _: &Endpoint) -> Result<String, BusError> {
-        Ok(format!("{TOPIC_ARN}:bench-subscription"))
-    }
-    async fn state(&self, _: &str) -> Result<SubscriptionState, BusError> {
-        Ok(SubscriptionState::Confirmed)
-    }
-    async fn confirm(&self, _: &str) -> Result<(), BusError> {
-        Ok(())
-    }
-    async fn unsubscribe(&self, _: &str) -> Result<(), BusError> {
-        Ok(())
-    }
-}
-
 /// Serves until stdin closes; prints `ready <addr>` once `/readyz` answers 200.
 pub(crate) async fn serve() -> anyhow::Result<()> {
     // Errors only (`CHORUS_LOG` or `RUST_LOG` may say otherwise): the warnings about the
@@ -70,7 +51,9 @@ pub(crate) async fn serve() -> anyhow::Result<()> {
     config.drain_timeout_ms = 1_000;
     let deps = Deps {
         log: Arc::new(EmptyLog),
-        subscriptions: Arc::new(ConfirmedAtOnce),
+        subscriptions: Arc::new(ConfirmedAtOnce {
+            subscription_arn: format!("{TOPIC_ARN}:bench-subscription"),
+        }),
         certs: CertSource::Aws,
         sqs: None,
     };
