@@ -115,13 +115,23 @@ pub fn outbox(frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
     )
 }
 
-/// Queues `item` and takes the writer's waker, to be woken once the lock is released.
-fn enqueue(state: &mut State, item: Outbound) -> Option<Waker> {
+/// Queues `item`, releases the lock, then wakes the writer if it waits.
+fn enqueue(mut state: MutexGuard<'_, State>, item: Outbound) {
     if let Outbound::Text(frame) = &item {
         state.bytes += frame.len();
     }
     state.queue.push_back(item);
-    state.writer.take()
+    wake_writer(state);
+}
+
+/// Releases the lock, then wakes the writer if it waits (not under the lock: the writer's
+/// first act is to take it).
+fn wake_writer(mut state: MutexGuard<'_, State>) {
+    let writer = state.writer.take();
+    drop(state);
+    if let Some(writer) = writer {
+        writer.wake();
+    }
 }
 
 impl Outbox {
@@ -132,7 +142,7 @@ impl Outbox {
     /// bound passes an empty queue, or a large message could reach no one),
     /// [`PushError::Closed`] if the connection is gone.
     pub fn try_push(&self, frame: Frame) -> Result<(), PushError> {
-        let mut state = self.shared.lock();
+        let state = self.shared.lock();
         if !state.receiver_alive {
             return Err(PushError::Closed);
         }
@@ -141,11 +151,7 @@ impl Outbox {
         if too_many || too_big {
             return Err(PushError::Full);
         }
-        let writer = enqueue(&mut state, Outbound::Text(frame));
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
-        }
+        enqueue(state, Outbound::Text(frame));
         Ok(())
     }
 
@@ -162,16 +168,12 @@ impl Outbox {
             // Registered before the check, so a drain in between is not missed.
             space.as_mut().enable();
             {
-                let mut state = self.shared.lock();
+                let state = self.shared.lock();
                 if !state.receiver_alive {
                     return Err(PushError::Closed);
                 }
                 if state.queue.len() < self.shared.max_frames {
-                    let writer = enqueue(&mut state, Outbound::Text(frame));
-                    drop(state);
-                    if let Some(writer) = writer {
-                        writer.wake();
-                    }
+                    enqueue(state, Outbound::Text(frame));
                     return Ok(());
                 }
             }
@@ -181,26 +183,18 @@ impl Outbox {
 
     /// Queues a heartbeat ping unless the queue is full (a full queue is not idle).
     pub fn ping(&self) {
-        let mut state = self.shared.lock();
+        let state = self.shared.lock();
         if !state.receiver_alive || state.queue.len() >= self.shared.max_frames {
             return;
         }
-        let writer = enqueue(&mut state, Outbound::Ping);
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
-        }
+        enqueue(state, Outbound::Ping);
     }
 
     /// Asks the writer to send a close frame next; the first request wins.
     pub fn close(&self, close: Close) {
         let mut state = self.shared.lock();
         state.close.get_or_insert(close);
-        let writer = state.writer.take();
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
-        }
+        wake_writer(state);
     }
 }
 
@@ -217,14 +211,8 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.producers -= 1;
-        let writer = if state.producers == 0 {
-            state.writer.take()
-        } else {
-            None
-        };
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
+        if state.producers == 0 {
+            wake_writer(state);
         }
     }
 }
