@@ -99,18 +99,39 @@ pub enum AuthError {
     DevUser(String),
 }
 
+/// The kind of a refusal, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Missing,
+    Malformed,
+    Signature,
+    Expired,
+    Audience,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Malformed => "malformed",
+            Refusal::Signature => "signature",
+            Refusal::Expired => "expired",
+            Refusal::Audience => "audience",
+        }
+    }
+}
+
 impl AuthError {
-    /// A short label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Refusal {
         match self {
             AuthError::Missing
             | AuthError::MissingDevUser
             | AuthError::DevUsersOff
-            | AuthError::DevUser(_) => "missing",
-            AuthError::Malformed | AuthError::TooLong | AuthError::Claims(_) => "malformed",
-            AuthError::Algorithm(_) | AuthError::Signature => "signature",
-            AuthError::Expired | AuthError::NotYetValid => "expired",
-            AuthError::Audience | AuthError::Issuer => "audience",
+            | AuthError::DevUser(_) => Refusal::Missing,
+            AuthError::Malformed | AuthError::TooLong | AuthError::Claims(_) => Refusal::Malformed,
+            AuthError::Algorithm(_) | AuthError::Signature => Refusal::Signature,
+            AuthError::Expired | AuthError::NotYetValid => Refusal::Expired,
+            AuthError::Audience | AuthError::Issuer => Refusal::Audience,
         }
     }
 }
@@ -337,11 +358,12 @@ impl Authenticator {
         for key in self.keys.iter().filter(|k| k.algorithm == header.alg) {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {
                 Ok(data) => return self.identity(data.claims),
-                // Claims are checked after the signature: this key signed it.
-                Err(e) if !matches!(e.kind(), ErrorKind::InvalidSignature) => {
-                    return Err(refusal(e.kind()));
-                }
-                Err(_) => outcome = Err(AuthError::Signature),
+                Err(e) => match refusal(e.kind()) {
+                    // Another key of the same algorithm may have signed it.
+                    AuthError::Signature => outcome = Err(AuthError::Signature),
+                    // Claims are checked after the signature: this key signed it.
+                    other => return Err(other),
+                },
             }
         }
         outcome

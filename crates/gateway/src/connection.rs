@@ -40,26 +40,6 @@ pub struct ConnectionSettings {
     pub idle_timeout: Duration,
 }
 
-impl Default for ConnectionSettings {
-    fn default() -> Self {
-        ConnectionSettings {
-            queue_len: 512,
-            queue_bytes: 1024 * 1024,
-            max_rooms: 100,
-            sends: Rate {
-                per_sec: 20,
-                burst: 40,
-            },
-            joins: Rate {
-                per_sec: 10,
-                burst: 50,
-            },
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
 /// What a connection needs from the gateway.
 #[derive(Clone)]
 pub struct ConnectionContext {

@@ -2,6 +2,8 @@
 
 use chorus_service::metrics::{Counter, Exposition, Gauge, Histogram};
 
+use crate::auth::Refusal;
+
 /// Every counter and gauge of one gateway.
 #[derive(Debug, Default)]
 pub struct GatewayMetrics {
@@ -189,15 +191,14 @@ impl GatewayMetrics {
             .finish()
     }
 
-    /// Counts a refused WebSocket request under its reason.
-    pub fn refused(&self, reason: &str) {
+    /// Counts a WebSocket request refused for its credentials.
+    pub fn refused(&self, reason: Refusal) {
         match reason {
-            "full" => &self.refused_full,
-            "missing" => &self.refused_missing,
-            "signature" => &self.refused_signature,
-            "expired" => &self.refused_expired,
-            "audience" => &self.refused_audience,
-            _ => &self.refused_malformed,
+            Refusal::Missing => &self.refused_missing,
+            Refusal::Malformed => &self.refused_malformed,
+            Refusal::Signature => &self.refused_signature,
+            Refusal::Expired => &self.refused_expired,
+            Refusal::Audience => &self.refused_audience,
         }
         .inc();
     }

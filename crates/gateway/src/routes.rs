@@ -114,7 +114,7 @@ async fn websocket(
         Err(e) => {
             state.metrics.refused(e.reason());
             // The reason only: never the token or the query string.
-            tracing::debug!(reason = e.reason(), "WebSocket request refused");
+            tracing::debug!(reason = e.reason().as_str(), "WebSocket request refused");
             return plain(StatusCode::UNAUTHORIZED, e.to_string());
         }
     };
@@ -126,7 +126,7 @@ async fn websocket(
         .max_frame_size(MAX_CLIENT_FRAME_BYTES);
     let Ok(slot) = Arc::clone(&state.slots).try_acquire_owned() else {
         // Told over the socket, so that browsers (which cannot read an HTTP refusal) see why.
-        state.metrics.refused("full");
+        state.metrics.refused_full.inc();
         return upgrade.on_upgrade(|mut socket| async move {
             let reason = "gateway full: reconnect to another gateway and resume";
             let _ = socket
