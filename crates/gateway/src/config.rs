@@ -124,6 +124,34 @@ pub struct Config {
         default_value_t = 500
     )]
     pub gap_timeout_ms: u64,
+    /// A room with local members that has been quiet for this long has its head read from the
+    /// writer, so a lost last message is delivered with no later message. The interval doubles
+    /// while the room stays quiet, up to --tail-check-max-ms.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_TAIL_CHECK_MS",
+        default_value_t = 2_000
+    )]
+    pub tail_check_ms: u64,
+    /// Ceiling of the quiet-room tail-check interval: the longest a lost message can wait in a
+    /// room that had been quiet long before it.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_TAIL_CHECK_MAX_MS",
+        default_value_t = 30_000
+    )]
+    pub tail_check_max_ms: u64,
+    /// A replay (join with `since`) into a connection that takes nothing from its queue for this
+    /// long closes it as too slow (4001).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_REPLAY_STALL_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub replay_stall_timeout_ms: u64,
     /// How often to check that the subscription still exists (re-subscribing if it is gone).
     #[arg(
         long,
@@ -322,6 +350,11 @@ impl Config {
             ("--joins-per-sec", self.joins_per_sec as usize),
             ("--join-burst", self.join_burst as usize),
             ("--ping-interval-ms", self.ping_interval_ms as usize),
+            ("--tail-check-ms", self.tail_check_ms as usize),
+            (
+                "--replay-stall-timeout-ms",
+                self.replay_stall_timeout_ms as usize,
+            ),
             (
                 "--header-read-timeout-ms",
                 self.header_read_timeout_ms as usize,

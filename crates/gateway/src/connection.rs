@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::ws::{CloseFrame, Message};
 use chorus_protocol::api::SendRequest;
 use chorus_protocol::frames::Rejected;
-use chorus_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, close};
+use chorus_protocol::{ClientFrame, ErrorCode, RoomId, Seq, ServerFrame, close};
 use futures_util::{Sink, SinkExt as _, Stream, StreamExt as _};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +67,10 @@ const RESTARTING: Close = (
     "server restarting: reconnect and resume",
 );
 const SLOW: &str = "too slow: reconnect and resume";
+const TOKEN_EXPIRED: Close = (
+    close::TOKEN_EXPIRED,
+    "token expired: reconnect with a fresh token and resume",
+);
 
 /// Serves one upgraded socket for `identity` until the client leaves, the gateway drains, the
 /// connection is kicked, falls silent, or its token expires.
@@ -106,7 +110,7 @@ where
             _ = heartbeat.tick() => {
                 if session.identity.expired(SystemTime::now()) {
                     ctx.metrics.tokens_expired.inc();
-                    break Some((close::TOKEN_EXPIRED, "token expired: reconnect with a fresh token and resume"));
+                    break Some(TOKEN_EXPIRED);
                 }
                 if last_heard.elapsed() >= ctx.settings.idle_timeout {
                     ctx.metrics.idle_timeouts.inc();
@@ -143,15 +147,33 @@ where
             Some(Ok(_)) => continue,
         };
         // A slow request (a send waiting on the writer, a long replay) still yields to a drain or
-        // kick.
-        tokio::select! {
-            biased;
-            () = ctx.drain.cancelled() => break Some(RESTARTING),
-            code = member.kick.kicked() => break Some((code, SLOW)),
-            // Boxed: the handler's state (a join's replay, a send's writer call) lives only while
-            // a frame is handled, not in every idle connection's future (about 1 KiB each).
-            () = Box::pin(handle_text(&ctx, &member, &mut session, text.as_str())) => {}
+        // kick, and heartbeats and token expiry go on meanwhile. (Idleness is not judged while a
+        // request runs: the client waits on us.) Dropping the handler at any await leaves the
+        // hub consistent: joins are cancel-safe.
+        let expires = session.identity.expires;
+        // Boxed: the handler's state (a join's replay, a send's writer call) lives only while a
+        // frame is handled, not in every idle connection's future (about 1 KiB each).
+        let mut handler = Box::pin(handle_text(&ctx, &member, &mut session, text.as_str()));
+        let interrupted = loop {
+            tokio::select! {
+                biased;
+                () = ctx.drain.cancelled() => break Some(RESTARTING),
+                code = member.kick.kicked() => break Some((code, SLOW)),
+                _ = heartbeat.tick() => {
+                    if expires.is_some_and(|at| SystemTime::now() >= at) {
+                        ctx.metrics.tokens_expired.inc();
+                        break Some(TOKEN_EXPIRED);
+                    }
+                    member.outbox.ping();
+                }
+                () = &mut handler => break None,
+            }
+        };
+        drop(handler);
+        if let Some(close) = interrupted {
+            break Some(close);
         }
+        last_heard = Instant::now();
     };
 
     for room in &session.rooms {
@@ -288,7 +310,29 @@ async fn handle_text(
                     ctx.metrics.joins.inc();
                     rooms.insert(room);
                 }
-                Err(JoinError::Closed) => {}
+                // The connection is closing (and was kicked, if it stalled the replay).
+                Err(JoinError::Closed | JoinError::Stalled) => {}
+                Err(JoinError::Expired { since, oldest }) => {
+                    ctx.metrics.history_expired.inc();
+                    let message = match oldest {
+                        Some(oldest) => format!(
+                            "messages {}..={} of {room} are no longer stored (the oldest is \
+                             {oldest}): join {room} without since, or with since of {} or more",
+                            since.next(),
+                            Seq(oldest.0 - 1),
+                            Seq(oldest.0 - 1),
+                        ),
+                        None => format!(
+                            "messages after {since} of {room} are no longer stored: join {room} \
+                             without since"
+                        ),
+                    };
+                    reply(
+                        member,
+                        ServerFrame::room_error(ErrorCode::HistoryExpired, message, room),
+                    )
+                    .await;
+                }
                 Err(JoinError::Log(e)) => {
                     tracing::warn!(%room, error.message = %e, "join failed");
                     let message = format!(
@@ -365,7 +409,9 @@ async fn handle_text(
                         LogError::Unavailable(_) => {
                             "the message store is unavailable: retry with the same id".to_owned()
                         }
-                        LogError::Refused(_) => "the message store refused this send".to_owned(),
+                        LogError::Refused(_) | LogError::Expired(_) => {
+                            "the message store refused this send".to_owned()
+                        }
                     };
                     reply(
                         member,

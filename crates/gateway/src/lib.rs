@@ -145,6 +145,11 @@ pub async fn run(
         Arc::clone(&deps.log),
         HubSettings {
             gap_timeout: Duration::from_millis(config.gap_timeout_ms),
+            tail_check: Duration::from_millis(config.tail_check_ms),
+            tail_check_max: Duration::from_millis(config.tail_check_max_ms),
+            replay_stall: Duration::from_millis(config.replay_stall_timeout_ms),
+            replay_page: crate::hub::replay_page(config.send_queue, config.send_queue_bytes),
+            max_join_buffer_bytes: config.send_queue_bytes,
             ..HubSettings::default()
         },
         Arc::clone(&metrics),

@@ -32,6 +32,9 @@ pub enum LogError {
     /// The writer refused the request (4xx): retrying will not help.
     #[error("writer refused the request: {0}")]
     Refused(String),
+    /// The history asked for is no longer stored (410 Gone: expired by retention).
+    #[error("history expired: {0}")]
+    Expired(String),
 }
 
 /// [`MessageLog`] over HTTP, with bounded retries of idempotent calls.
@@ -82,6 +85,9 @@ impl WriterClient {
                         .await
                         .map(|e| e.error.message)
                         .unwrap_or_default();
+                    if status == reqwest::StatusCode::GONE {
+                        return Err(LogError::Expired(detail));
+                    }
                     if status.is_client_error() {
                         return Err(LogError::Refused(format!("{status}: {detail}")));
                     }

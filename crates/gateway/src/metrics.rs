@@ -31,8 +31,15 @@ pub struct GatewayMetrics {
     pub rejected_malformed: Counter,
     pub rejected_topic: Counter,
     pub rejected_signature: Counter,
+    pub rejected_cert_unavailable: Counter,
     pub rejected_payload: Counter,
     pub tail_fills: Counter,
+    /// Rooms given up on (a hole the writer could not fill): members closed with RESYNC.
+    pub resyncs: Counter,
+    /// Joins refused because history after their `since` has expired.
+    pub history_expired: Counter,
+    /// Members registered in the hub, over all rooms (a connection in three rooms counts three).
+    pub room_members: Gauge,
     pub refused_full: Counter,
     pub refused_missing: Counter,
     pub refused_malformed: Counter,
@@ -54,6 +61,11 @@ impl GatewayMetrics {
         rooms_gauge.set(i64::try_from(rooms).unwrap_or(i64::MAX));
         Exposition::new()
             .gauge("chorus_gateway_rooms", "Rooms with at least one local member.", &rooms_gauge)
+            .gauge(
+                "chorus_gateway_room_members",
+                "Room memberships of local connections (joined, or joining), over all rooms.",
+                &self.room_members,
+            )
             .counter(
                 "chorus_gateway_room_changes_total",
                 "Joins and leaves.",
@@ -80,6 +92,7 @@ impl GatewayMetrics {
                     ("malformed", &self.rejected_malformed),
                     ("wrong_topic", &self.rejected_topic),
                     ("signature", &self.rejected_signature),
+                    ("cert_unavailable", &self.rejected_cert_unavailable),
                     ("payload", &self.rejected_payload),
                 ],
             )
@@ -150,9 +163,14 @@ impl GatewayMetrics {
             .counter(
                 "chorus_gateway_repairs_total",
                 "History reads that recovered messages the bus did not deliver, by kind: a hole \
-                 before a later seq, or a lost last message found when the room went quiet.",
+                 before a later seq, or a lost last message found when the room went quiet; and \
+                 rooms given up on because a hole could not be filled (members closed with 4002).",
                 "kind",
-                &[("gap", &self.gap_fills), ("tail", &self.tail_fills)],
+                &[
+                    ("gap", &self.gap_fills),
+                    ("tail", &self.tail_fills),
+                    ("resync", &self.resyncs),
+                ],
             )
             .counter(
                 "chorus_gateway_connections_refused_total",
@@ -177,6 +195,7 @@ impl GatewayMetrics {
                     ("join_rate", &self.rate_limited_joins),
                     ("room_not_allowed", &self.forbidden_joins),
                     ("rooms_per_connection", &self.room_limit_hits),
+                    ("history_expired", &self.history_expired),
                 ],
             )
             .counter(

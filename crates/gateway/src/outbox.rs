@@ -2,8 +2,9 @@
 //!
 //! Two producers share it: the hub's fan-out, which never waits ([`Outbox::try_push`]: a full
 //! queue means the connection is too slow and gets closed), and the connection's own reader,
-//! which answers the client's requests and may wait for room ([`Outbox::push`]: only that
-//! connection waits). One consumer, the connection's writer task, takes everything queued at
+//! which answers the client's requests and replays history, and waits for room
+//! ([`Outbox::push`]: only that connection waits). Both respect both bounds, so a replay into a
+//! client that does not read holds at most the byte bound (plus the one page being replayed). One consumer, the connection's writer task, takes everything queued at
 //! once ([`OutboxReceiver::next`]) and flushes it in one write.
 //!
 //! Why not a `tokio::sync::mpsc` channel: fan-out pushes one frame into thousands of queues per
@@ -52,6 +53,8 @@ struct State {
     close: Option<Close>,
     /// The writer, when it waits for something to do.
     writer: Option<Waker>,
+    /// A [`Outbox::push`] waits for room: the writer signals `space` when it takes the queue.
+    pusher_waiting: bool,
     producers: usize,
     receiver_alive: bool,
 }
@@ -100,6 +103,7 @@ pub fn outbox(frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
             bytes: 0,
             close: None,
             writer: None,
+            pusher_waiting: false,
             producers: 1,
             receiver_alive: true,
         }),
@@ -155,9 +159,10 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues `frame`, waiting while the queue holds as many frames as it may. The byte bound
-    /// is counted but not enforced: this is for answers to the client's own requests (and
-    /// replays), which the client paces by reading.
+    /// Queues `frame`, waiting while it would pass either bound (as with [`Self::try_push`], one
+    /// frame larger than the byte bound passes an empty queue). This is for answers to the
+    /// client's own requests and for replays, which the client paces by reading. Cancel-safe:
+    /// dropped while waiting, nothing was queued.
     ///
     /// # Errors
     /// [`PushError::Closed`] if the connection is gone.
@@ -168,14 +173,18 @@ impl Outbox {
             // Registered before the check, so a drain in between is not missed.
             space.as_mut().enable();
             {
-                let state = self.shared.lock();
+                let mut state = self.shared.lock();
                 if !state.receiver_alive {
                     return Err(PushError::Closed);
                 }
-                if state.queue.len() < self.shared.max_frames {
+                let fits_frames = state.queue.len() < self.shared.max_frames;
+                let fits_bytes =
+                    state.bytes == 0 || state.bytes + frame.len() <= self.shared.max_bytes;
+                if fits_frames && fits_bytes {
                     enqueue(state, Outbound::Text(frame));
                     return Ok(());
                 }
+                state.pusher_waiting = true;
             }
             space.await;
         }
@@ -227,11 +236,11 @@ impl OutboxReceiver {
                 return Poll::Ready(Next::Close(close));
             }
             if !state.queue.is_empty() {
-                let was_full = state.queue.len() >= self.shared.max_frames;
+                let pusher_waiting = std::mem::take(&mut state.pusher_waiting);
                 std::mem::swap(&mut state.queue, batch);
                 state.bytes = 0;
                 drop(state);
-                if was_full {
+                if pusher_waiting {
                     self.shared.space.notify_waiters();
                 }
                 return Poll::Ready(Next::Send);
@@ -357,6 +366,40 @@ mod tests {
         assert_eq!(take(&mut rx), [1]);
         pusher.await.unwrap().unwrap();
         assert_eq!(take(&mut rx), [2]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_push_respects_the_byte_bound() {
+        let (outbox, mut rx) = outbox(100, 10);
+        outbox.try_push(text(6)).unwrap();
+        let pusher = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.push(text(6)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !pusher.is_finished(),
+            "6 + 6 bytes would pass the bound of 10"
+        );
+        assert_eq!(take(&mut rx), [6]);
+        pusher.await.unwrap().unwrap();
+        assert_eq!(take(&mut rx), [6]);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_push_queues_nothing_and_later_pushes_still_wake() {
+        let (outbox, mut rx) = outbox(1, 1 << 20);
+        outbox.try_push(text(1)).unwrap();
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), outbox.push(text(2))).await;
+        assert!(cancelled.is_err(), "it waited, then was dropped");
+        let pusher = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.push(text(3)).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(take(&mut rx), [1]);
+        pusher.await.unwrap().unwrap();
+        assert_eq!(take(&mut rx), [3], "the dropped push left nothing behind");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use crate::AppState;
 use crate::auth::Offered;
 use crate::bus::SnsEnvelope;
 use crate::connection;
+use crate::verify::VerifyError;
 
 /// Largest SNS post accepted: a 256 KiB message, JSON-escaped, in its envelope.
 const MAX_SNS_POST_BYTES: usize = 1024 * 1024;
@@ -168,9 +169,20 @@ async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
         && let Err(e) = verifier.verify(&envelope).await
     {
         state.metrics.bus_rejected.inc();
+        let message_id: String = envelope.message_id.chars().take(64).collect();
+        if let VerifyError::CertFetch(_) = e {
+            // Not a verdict on the message: the certificate could not be had just now. SNS
+            // retries a 5xx (never a 4xx), so a genuine notification is not lost.
+            state.metrics.rejected_cert_unavailable.inc();
+            tracing::warn!(%message_id, reason = %e, "SNS post not verified yet: signing certificate unavailable, asking SNS to retry");
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "signing certificate unavailable: retry later",
+            );
+        }
         state.metrics.rejected_signature.inc();
         // The reason, never the payload.
-        tracing::warn!(message_id = %envelope.message_id.chars().take(64).collect::<String>(), reason = %e, "SNS post refused: not a genuine message of the topic");
+        tracing::warn!(%message_id, reason = %e, "SNS post refused: not a genuine message of the topic");
         return plain(StatusCode::FORBIDDEN, "signature verification failed");
     }
     match envelope.kind.as_str() {

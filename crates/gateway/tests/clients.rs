@@ -550,3 +550,130 @@ async fn tokens_and_query_strings_never_reach_the_logs() {
     }
     assert!(!logs.contains("query-string-marker"), "{logs}");
 }
+
+/// A raw client on a socket with a tiny receive buffer that joins `room` with `since` and then
+/// reads nothing.
+async fn stalled_joiner(
+    gateway: &Gateway,
+    url: String,
+    room: &str,
+    since: u64,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gateway.addr).await.unwrap();
+    let (mut stalled, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    futures_util::SinkExt::send(
+        &mut stalled,
+        tungstenite::Message::text(
+            json!({"type": "join", "room": room, "since": since}).to_string(),
+        ),
+    )
+    .await
+    .unwrap();
+    stalled
+}
+
+/// The value of a metric line that starts with `name`.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_replay_into_a_client_that_does_not_read_stays_bounded_and_is_closed() {
+    let gateway = Gateway::start(|config| {
+        config.send_queue = 64;
+        config.send_queue_bytes = 64 * 1024;
+        config.replay_stall_timeout_ms = 300;
+    })
+    .await;
+    // 16 MiB of history: far more than the queue, a page and the socket's buffers hold.
+    const STORED: u64 = 1000;
+    gateway
+        .log
+        .store(&room("lobby"), (0..STORED).map(|i| format!("{i:0>16384}")));
+    let _stalled = stalled_joiner(&gateway, gateway.user_url("stalled"), "lobby", 0).await;
+    // The replay stalls, the connection is closed as too slow, and nothing of it stays behind.
+    wait_for_metrics(
+        &gateway,
+        &[
+            "chorus_gateway_slow_consumers_total 1",
+            "chorus_gateway_room_members 0",
+            "chorus_gateway_rooms 0",
+        ],
+    )
+    .await;
+    let replayed = metric(&gateway.metrics().await, "chorus_gateway_replayed_total");
+    assert!(
+        replayed < STORED / 2,
+        "{replayed} of {STORED} messages were taken from history for a client that reads nothing"
+    );
+    // The others are served as usual.
+    let mut lucy = Client::connect(&gateway.user_url("lucy")).await.unwrap();
+    assert!(matches!(
+        join(&mut lucy, "lobby").await,
+        ServerFrame::Joined {
+            seq: Seq(STORED),
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_token_that_expires_during_a_stalled_replay_still_closes_the_connection() {
+    let gateway = token_gateway(|config| {
+        config.send_queue_bytes = 64 * 1024;
+        config.replay_stall_timeout_ms = 600_000; // only the expiry can end it
+        config.ping_interval_ms = 100;
+    })
+    .await;
+    gateway
+        .log
+        .store(&room("lobby"), (0..1000).map(|i| format!("{i:0>16384}")));
+    let soon = token(SECRET, "john", &["lobby"], now() + 2);
+    let url = format!("{}?token={soon}", gateway.ws_url());
+    let _stalled = stalled_joiner(&gateway, url, "lobby", 0).await;
+    wait_for_metrics(
+        &gateway,
+        &[
+            r#"chorus_gateway_closed_total{reason="token_expired"} 1"#,
+            "chorus_gateway_room_members 0",
+            "chorus_gateway_rooms 0",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_notification_whose_certificate_cannot_be_fetched_is_answered_with_a_retryable_5xx() {
+    // Verification on; the certificate source (a loopback port nobody listens on) is down.
+    let gateway = Gateway::start(|config| config.insecure_skip_sns_verification = false).await;
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let envelope = json!({
+        "Type": "Notification",
+        "MessageId": "0b3c9e1e-0000-4000-8000-000000000001",
+        "TopicArn": common::TOPIC,
+        "Message": "{\"v\":1,\"events\":[]}",
+        "Timestamp": timestamp,
+        "SignatureVersion": "2",
+        "Signature": "AAAA",
+        "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem",
+    });
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/sns", gateway.addr))
+        .body(envelope.to_string())
+        .send()
+        .await
+        .unwrap();
+    // SNS retries 5xx and gives up on 4xx: a 403 here would lose a genuine message.
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    wait_for_metrics(
+        &gateway,
+        &[r#"chorus_gateway_bus_rejected_total{reason="cert_unavailable"} 1"#],
+    )
+    .await;
+}

@@ -51,12 +51,15 @@ pub enum ServerFrame {
         room: RoomId,
         seq: Seq,
     },
-    /// A request could not be served. `ref` echoes the client message id of a failed send, if any.
+    /// A request could not be served. `ref` echoes the client message id of a failed send, if any;
+    /// `room` names the room of a failed join (absent otherwise).
     Error {
         code: ErrorCode,
         message: String,
         #[serde(rename = "ref")]
         reference: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<RoomId>,
     },
 }
 
@@ -79,6 +82,11 @@ pub enum ErrorCode {
     RateLimited,
     /// The connection's token does not allow this room; the request was ignored.
     Forbidden,
+    /// A join's `since` reaches back past what the store still holds (messages expire after the
+    /// retention period, or a seq can no longer be read): the join was ignored and nothing was
+    /// replayed. The client decides: join again without `since` (or with a `since` at or after
+    /// the oldest seq the message names) and treat the messages in between as lost.
+    HistoryExpired,
 }
 
 /// Why a client frame was refused.
@@ -164,6 +172,17 @@ impl ServerFrame {
             code,
             message: message.into(),
             reference,
+            room: None,
+        }
+    }
+
+    /// An `error` frame about a request for `room` (a join).
+    pub fn room_error(code: ErrorCode, message: impl Into<String>, room: RoomId) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            reference: None,
+            room: Some(room),
         }
     }
 }

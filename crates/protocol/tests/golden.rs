@@ -34,6 +34,11 @@ golden!(server_message, ServerFrame, "server_message.json");
 golden!(server_ack, ServerFrame, "server_ack.json");
 golden!(server_error, ServerFrame, "server_error.json");
 golden!(server_error_no_ref, ServerFrame, "server_error_no_ref.json");
+golden!(
+    server_error_history_expired,
+    ServerFrame,
+    "server_error_history_expired.json"
+);
 golden!(api_send_request, SendRequest, "api_send_request.json");
 golden!(api_send_response, SendResponse, "api_send_response.json");
 golden!(api_history_page, HistoryPage, "api_history_page.json");

@@ -203,6 +203,7 @@ async fn invalid_frames_get_an_error_and_the_connection_stays_usable() {
                 code: got,
                 message,
                 reference: got_ref,
+                ..
             } => {
                 assert_eq!(got, code, "{text}: {message}");
                 assert_eq!(got_ref.as_deref(), reference, "{text}");

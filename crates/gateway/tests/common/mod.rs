@@ -161,7 +161,12 @@ impl Gateway {
             subscriptions: Arc::new(ConfirmedAtOnce {
                 subscription_arn: format!("{TOPIC}:subscription"),
             }),
-            certs: CertSource::Aws,
+            // Nothing listens there: a test that switches verification on never reaches out
+            // for a certificate, and sees the fetch fail.
+            certs: CertSource::Mirror {
+                base: "http://127.0.0.1:9".into(),
+                sign_as: None,
+            },
             sqs: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
