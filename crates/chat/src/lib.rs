@@ -1,10 +1,15 @@
-//! A small Chorus client: connect to a gateway, join rooms, send, receive. Used by the
-//! `chorus-chat` terminal client, the `--demo` of `scripts/dev`, and the end-to-end tests.
+//! A small Chorus client, used by the `chorus-chat` terminal client, the `--demo` of
+//! `scripts/dev`, the end-to-end tests and the chaos run.
 //!
-//! It follows the README's client contract: it offers the `chorus.v1` subprotocol, tracks the last
-//! seq received per room, and [`Client::resume`] re-joins with `since` after a reconnect.
+//! - [`Client`] is one connection to a gateway (offering the `chorus.v1` subprotocol): send
+//!   frames, read frames. Tests use it to say exactly what goes on the wire.
+//! - [`Session`] follows the README's client contract across connections: a position per room,
+//!   reconnect and re-join with `since`, sends retried with the same id until acked.
 
-use std::collections::HashMap;
+pub mod session;
+
+pub use session::{Backoff, Event, Session};
+
 use std::time::Duration;
 
 use chorus_protocol::frames::SUBPROTOCOL;
@@ -48,8 +53,6 @@ pub enum Received {
 /// One connection to a gateway.
 pub struct Client {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// Last seq received per room (for resume).
-    pub last_seq: HashMap<RoomId, Seq>,
     next_id: u64,
     id_prefix: String,
 }
@@ -82,7 +85,6 @@ impl Client {
         let (socket, _response) = tokio_tungstenite::connect_async(request).await?;
         Ok(Client {
             socket,
-            last_seq: HashMap::new(),
             next_id: 0,
             id_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         })
@@ -122,18 +124,6 @@ impl Client {
         .await
     }
 
-    /// Re-joins every room seen so far with `since` = the last seq received there.
-    ///
-    /// # Errors
-    /// When the socket fails.
-    pub async fn resume(&mut self, rooms: &[RoomId]) -> Result<(), ClientError> {
-        for room in rooms {
-            let since = self.last_seq.get(room).copied().unwrap_or_default();
-            self.join(room, Some(since)).await?;
-        }
-        Ok(())
-    }
-
     /// Sends `body` to `room` with a fresh client message id, which it returns.
     ///
     /// # Errors
@@ -162,28 +152,32 @@ impl Client {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Received>, ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout(timeout, self.recv()).await {
+            Err(_) => Ok(None),
+            Ok(received) => received.map(Some),
+        }
+    }
+
+    /// The next frame or close. Cancel-safe.
+    ///
+    /// # Errors
+    /// When the socket fails or ends ([`ClientError::Ended`]), or the gateway sends something
+    /// that is not a server frame.
+    pub async fn recv(&mut self) -> Result<Received, ClientError> {
         loop {
-            let next = match tokio::time::timeout_at(deadline, self.socket.next()).await {
-                Err(_) => return Ok(None),
-                Ok(next) => next,
-            };
-            match next {
-                None => return Err(ClientError::Ended),
-                Some(Err(tungstenite::Error::ConnectionClosed)) => return Err(ClientError::Ended),
+            match self.socket.next().await {
+                None | Some(Err(tungstenite::Error::ConnectionClosed)) => {
+                    return Err(ClientError::Ended);
+                }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(text))) => {
-                    let frame: ServerFrame = serde_json::from_str(text.as_str())?;
-                    if let ServerFrame::Message(event) = &frame {
-                        self.last_seq.insert(event.room.clone(), event.seq);
-                    }
-                    return Ok(Some(Received::Frame(frame)));
+                    return Ok(Received::Frame(serde_json::from_str(text.as_str())?));
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
                         .map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()))
                         .unwrap_or((1005, String::new()));
-                    return Ok(Some(Received::Closed { code, reason }));
+                    return Ok(Received::Closed { code, reason });
                 }
                 Some(Ok(_)) => continue,
             }

@@ -6,8 +6,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chorus_chat::{Client, ClientError, Received};
-use chorus_protocol::{RoomId, ServerFrame, close};
+use chorus_chat::{Client, ClientError, Event, Session};
+use chorus_protocol::{RoomId, Seq, ServerFrame};
 use clap::Parser as _;
 use tokio::io::AsyncBufReadExt as _;
 
@@ -26,6 +26,10 @@ struct Cli {
     /// Room to join.
     #[arg(long, default_value = "lobby")]
     room: String,
+    /// Show the room's history first: every message after this seq (0: all that is kept).
+    /// Without it, only messages from now on.
+    #[arg(long)]
+    since: Option<u64>,
     /// Your name (dev mode: sent as ?user=NAME). Ignored with a token.
     #[arg(long, default_value = "guest")]
     user: String,
@@ -82,7 +86,16 @@ async fn main() -> ExitCode {
             rooms,
             ttl_secs,
         }) => mint_token(&secret_file, &sub, &rooms, ttl_secs),
-        None => chat(&cli.urls, &cli.room, &cli.user, cli.token.as_deref()).await,
+        None => {
+            chat(
+                &cli.urls,
+                &cli.room,
+                &cli.user,
+                cli.token.as_deref(),
+                cli.since.map(Seq),
+            )
+            .await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,64 +144,61 @@ async fn chat(
     room: &str,
     user: &str,
     token: Option<&str>,
+    since: Option<Seq>,
 ) -> Result<(), ClientError> {
     let room = parse_room(room)?;
+    let urls: Vec<String> = match token {
+        Some(_) => urls.to_vec(),
+        None => urls.iter().map(|url| with_user(url, user)).collect(),
+    };
+    // Give up after this many connection attempts in a row that failed or ended before the room
+    // was joined.
+    let give_up_after = urls.len() * 5;
+    let mut session = Session::new(urls, token.map(str::to_owned));
+    session.join(room.clone(), since);
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut last = None;
-    let mut attempt = 0usize;
+    let mut stdin_open = true;
+    let mut failed = 0usize;
     loop {
-        let url = match token {
-            Some(_) => urls[attempt % urls.len()].clone(),
-            None => with_user(&urls[attempt % urls.len()], user),
-        };
-        let mut client = match Client::connect_with_token(&url, token).await {
-            Ok(client) => client,
-            Err(e) => {
-                eprintln!("* cannot connect to {url}: {e}");
-                attempt += 1;
-                if attempt >= urls.len() * 5 {
-                    return Err(e);
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        if let Some(seq) = last {
-            client.last_seq.insert(room.clone(), seq);
+        // At the end of input, leave once every send is acked (they survive reconnects).
+        if !stdin_open && session.unacked().next().is_none() {
+            return session.close().await;
         }
-        eprintln!("* connected to {url}");
-        client.join(&room, last).await?;
-        loop {
-            tokio::select! {
-                line = stdin.next_line() => {
-                    match line {
-                        Ok(Some(line)) if line.trim().is_empty() => {}
-                        Ok(Some(line)) => { client.send(&room, &line).await?; }
-                        _ => return client.close().await,
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) => {
+                    if let Err(e) = session.send(&room, &line) {
+                        eprintln!("! {e}");
                     }
                 }
-                received = client.recv_timeout(Duration::from_secs(3600)) => {
-                    match received {
-                        Ok(Some(Received::Frame(frame))) => print_frame(&frame),
-                        Ok(Some(Received::Closed { code, reason })) if close::should_resume(code) => {
-                            eprintln!("* gateway closed ({code}: {reason}): reconnecting and resuming");
-                            break;
-                        }
-                        Ok(Some(Received::Closed { code, reason })) => {
-                            return Err(ClientError::Closed { code, reason });
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            eprintln!("* connection lost ({e}): reconnecting and resuming");
-                            break;
-                        }
+                _ => stdin_open = false,
+            },
+            event = session.next_event() => match event? {
+                Event::Connected { url } => eprintln!("* connected to {url}"),
+                Event::Frame(frame) => {
+                    if matches!(frame, ServerFrame::Joined { .. }) {
+                        failed = 0;
+                    }
+                    print_frame(&frame);
+                }
+                Event::Disconnected { code: Some(code), reason } => {
+                    failed += 1;
+                    eprintln!("* gateway closed ({code}: {reason}): reconnecting and resuming");
+                }
+                Event::Disconnected { code: None, reason } => {
+                    failed += 1;
+                    eprintln!("* connection lost ({reason}): reconnecting and resuming");
+                }
+                Event::ConnectFailed { url, error } => {
+                    failed += 1;
+                    eprintln!("* cannot connect to {url}: {error}");
+                    if failed >= give_up_after {
+                        return Err(error);
                     }
                 }
-            }
+            },
         }
-        last = client.last_seq.get(&room).copied().or(last);
-        attempt += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

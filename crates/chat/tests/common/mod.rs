@@ -1,0 +1,309 @@
+//! A scripted stand-in for a gateway, enough to test what a client does across reconnects: it
+//! keeps a log per room, replays after `since`, acks sends (storing a retried id once), fans out
+//! live messages, and lets the test close or drop connections and store messages "from someone
+//! else" at chosen moments. It records every frame clients send.
+
+#![allow(dead_code)] // Each test binary uses its own part of the harness.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chorus_protocol::{
+    Body, ClientFrame, ClientMsgId, MessageEvent, RoomId, Seq, ServerFrame, UserId,
+};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
+
+/// What the fake does with a client's `send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendPolicy {
+    /// Store, ack, fan out.
+    Ack,
+    /// Store, then drop the connection before the ack (the ack is lost on the way).
+    StoreThenDrop,
+    /// Answer `unavailable` (nothing stored), then go back to `Ack`.
+    UnavailableOnce,
+}
+
+enum Out {
+    Frame(ServerFrame),
+    Close(u16),
+    Drop,
+}
+
+#[derive(Default)]
+struct State {
+    rooms: HashMap<RoomId, Vec<MessageEvent>>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    /// Every frame received, with the connection number.
+    received: Vec<(u64, ClientFrame)>,
+    send_policy: Option<SendPolicy>,
+    /// Joins are left unanswered (the connection is then dropped by the test).
+    hold_joins: bool,
+}
+
+struct Conn {
+    out: mpsc::UnboundedSender<Out>,
+    rooms: BTreeSet<RoomId>,
+}
+
+/// The running fake gateway.
+#[derive(Clone)]
+pub(crate) struct FakeGateway {
+    pub(crate) url: String,
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+}
+
+fn event(room: &RoomId, seq: u64, id: &str, sender: &str, body: &str) -> MessageEvent {
+    MessageEvent {
+        room: room.clone(),
+        seq: Seq(seq),
+        id: ClientMsgId::parse(id).unwrap(),
+        sender: UserId::parse(sender).unwrap(),
+        body: Body::parse(body).unwrap(),
+        ts: "2026-11-29T10:00:00.000Z".into(),
+    }
+}
+
+impl FakeGateway {
+    pub(crate) async fn start() -> FakeGateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let fake = FakeGateway {
+            url,
+            state: Arc::default(),
+            changed: Arc::default(),
+        };
+        let accepting = fake.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let fake = accepting.clone();
+                tokio::spawn(async move { fake.serve(stream).await });
+            }
+        });
+        fake
+    }
+
+    async fn serve(self, stream: tokio::net::TcpStream) {
+        #[allow(clippy::result_large_err)] // The callback's signature is tungstenite's.
+        fn subprotocol(
+            request: &Request,
+            mut response: Response,
+        ) -> Result<Response, ErrorResponse> {
+            if request.headers().contains_key("sec-websocket-protocol") {
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", "chorus.v1".parse().unwrap());
+            }
+            Ok(response)
+        }
+        let Ok(socket) = tokio_tungstenite::accept_hdr_async(stream, subprotocol).await else {
+            return;
+        };
+        let (mut sink, mut stream) = socket.split();
+        let (out, mut outbox) = mpsc::unbounded_channel();
+        let id = {
+            let mut state = self.state.lock().unwrap();
+            let id = state.next_conn;
+            state.next_conn += 1;
+            state.conns.insert(
+                id,
+                Conn {
+                    out,
+                    rooms: BTreeSet::new(),
+                },
+            );
+            id
+        };
+        self.changed.notify_waiters();
+        loop {
+            tokio::select! {
+                out = outbox.recv() => match out {
+                    Some(Out::Frame(frame)) => {
+                        if sink.send(Message::text(frame.to_json())).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Out::Close(code)) => {
+                        let close = CloseFrame { code: code.into(), reason: "test".into() };
+                        let _ = sink.send(Message::Close(Some(close))).await;
+                        break;
+                    }
+                    Some(Out::Drop) | None => break,
+                },
+                message = stream.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let frame = ClientFrame::parse(text.as_str()).expect("a valid client frame");
+                        self.handle(id, frame);
+                        self.changed.notify_waiters();
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                },
+            }
+        }
+        self.state.lock().unwrap().conns.remove(&id);
+        self.changed.notify_waiters();
+    }
+
+    fn handle(&self, conn: u64, frame: ClientFrame) {
+        let mut state = self.state.lock().unwrap();
+        state.received.push((conn, frame.clone()));
+        match frame {
+            ClientFrame::Join { room, since } => {
+                if state.hold_joins {
+                    return;
+                }
+                let log = state.rooms.entry(room.clone()).or_default().clone();
+                let head = log.len() as u64;
+                let c = state.conns.get_mut(&conn).unwrap();
+                if let Some(since) = since {
+                    for m in log.iter().filter(|m| m.seq > since) {
+                        let _ = c.out.send(Out::Frame(ServerFrame::Message(m.clone())));
+                    }
+                }
+                let _ = c.out.send(Out::Frame(ServerFrame::Joined {
+                    room: room.clone(),
+                    seq: Seq(head),
+                }));
+                c.rooms.insert(room);
+            }
+            ClientFrame::Leave { room } => {
+                let c = state.conns.get_mut(&conn).unwrap();
+                c.rooms.remove(&room);
+                let _ = c.out.send(Out::Frame(ServerFrame::Left { room }));
+            }
+            ClientFrame::Send { room, id, body } => {
+                let policy = state.send_policy.unwrap_or(SendPolicy::Ack);
+                if policy == SendPolicy::UnavailableOnce {
+                    state.send_policy = Some(SendPolicy::Ack);
+                    let error = ServerFrame::error(
+                        chorus_protocol::ErrorCode::Unavailable,
+                        "try again",
+                        Some(id.to_string()),
+                    );
+                    let _ = state.conns[&conn].out.send(Out::Frame(error));
+                    return;
+                }
+                let log = state.rooms.entry(room.clone()).or_default();
+                let (seq, fresh) = match log.iter().find(|m| m.id == id) {
+                    Some(stored) => (stored.seq, false),
+                    None => {
+                        let seq = log.len() as u64 + 1;
+                        log.push(event(&room, seq, id.as_str(), "client", body.as_str()));
+                        (Seq(seq), true)
+                    }
+                };
+                if policy == SendPolicy::StoreThenDrop {
+                    state.send_policy = Some(SendPolicy::Ack);
+                    let _ = state.conns[&conn].out.send(Out::Drop);
+                    return;
+                }
+                let _ = state.conns[&conn].out.send(Out::Frame(ServerFrame::Ack {
+                    id,
+                    room: room.clone(),
+                    seq,
+                }));
+                if fresh {
+                    let m = state.rooms[&room].last().unwrap().clone();
+                    fan_out(&state, &m);
+                }
+            }
+        }
+    }
+
+    /// Stores `bodies` in `room` as another user's messages and sends them to members.
+    pub(crate) fn post(&self, room: &RoomId, bodies: &[&str]) -> Vec<Seq> {
+        let mut state = self.state.lock().unwrap();
+        let mut seqs = Vec::new();
+        for body in bodies {
+            let log = state.rooms.entry(room.clone()).or_default();
+            let seq = log.len() as u64 + 1;
+            let m = event(room, seq, &format!("other-{seq}"), "someone", body);
+            log.push(m.clone());
+            fan_out(&state, &m);
+            seqs.push(Seq(seq));
+        }
+        seqs
+    }
+
+    /// Closes every connection with `code`, then stores `bodies` in `room` (so no connection
+    /// open before can have them: only a resume can fetch them).
+    pub(crate) fn close_all_then_post(&self, code: u16, room: &RoomId, bodies: &[&str]) {
+        let mut state = self.state.lock().unwrap();
+        for (_, c) in state.conns.drain() {
+            let _ = c.out.send(Out::Close(code));
+        }
+        drop(state);
+        self.post(room, bodies);
+    }
+
+    /// Drops every connection (no close frame).
+    pub(crate) fn drop_all(&self) {
+        let mut state = self.state.lock().unwrap();
+        for (_, c) in state.conns.drain() {
+            let _ = c.out.send(Out::Drop);
+        }
+    }
+
+    pub(crate) fn set_send_policy(&self, policy: SendPolicy) {
+        self.state.lock().unwrap().send_policy = Some(policy);
+    }
+
+    pub(crate) fn hold_joins(&self, hold: bool) {
+        self.state.lock().unwrap().hold_joins = hold;
+    }
+
+    /// The stored messages of `room`.
+    pub(crate) fn log(&self, room: &RoomId) -> Vec<MessageEvent> {
+        self.state
+            .lock()
+            .unwrap()
+            .rooms
+            .get(room)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every frame received so far, with its connection number (0, 1, … in accept order).
+    pub(crate) fn received(&self) -> Vec<(u64, ClientFrame)> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    /// Waits until `check` holds on the frames received, at most [`WAIT`].
+    pub(crate) async fn wait_received(
+        &self,
+        what: &str,
+        check: impl Fn(&[(u64, ClientFrame)]) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let changed = self.changed.notified();
+            if check(&self.received()) {
+                return;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, changed).await.is_ok(),
+                "the fake gateway never received {what}: {:?}",
+                self.received()
+            );
+        }
+    }
+}
+
+fn fan_out(state: &State, m: &MessageEvent) {
+    for c in state.conns.values() {
+        if c.rooms.contains(&m.room) {
+            let _ = c.out.send(Out::Frame(ServerFrame::Message(m.clone())));
+        }
+    }
+}
