@@ -50,6 +50,11 @@ pub struct PollArgs {
     /// Pause between polls when the stream is idle, in milliseconds.
     #[arg(long, env = "CHORUS_POLL_IDLE_MS", default_value_t = 100)]
     pub idle_ms: u64,
+    /// Keep each shard's position in this file (saved at most once a second and at shutdown) and
+    /// resume from it on start. Without it positions live in memory and a restart reads the
+    /// stream from its start again (gateways drop the duplicates).
+    #[arg(long, env = "CHORUS_CHECKPOINT_FILE")]
+    pub checkpoint_file: Option<std::path::PathBuf>,
 }
 
 #[cfg(test)]
@@ -59,5 +64,25 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn poll_takes_a_checkpoint_file_and_defaults_to_none() {
+        use clap::Parser as _;
+        let poll = |args: &[&str]| match super::Cli::try_parse_from(args).unwrap().command {
+            Some(super::Command::Poll(poll)) => poll,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(poll(&["chorus-publisher", "poll"]).checkpoint_file, None);
+        assert_eq!(
+            poll(&[
+                "chorus-publisher",
+                "poll",
+                "--checkpoint-file",
+                "/var/lib/chorus/poller.json"
+            ])
+            .checkpoint_file,
+            Some("/var/lib/chorus/poller.json".into())
+        );
     }
 }

@@ -6,7 +6,9 @@ use aws_lambda_events::streams::DynamoDbEventResponse;
 use chorus_publisher::config::{Cli, Command};
 use std::sync::Arc;
 
-use chorus_publisher::poller::{self, PollerConfig, PollerMetrics};
+use chorus_publisher::poller::{
+    self, CheckpointStore, DynamoDbStream, FileCheckpoint, PollerConfig, PollerMetrics,
+};
 use chorus_publisher::sns::{SnsPublisher, ensure_topic};
 use chorus_publisher::{DeadLetter, SqsDeadLetter};
 use clap::Parser as _;
@@ -71,13 +73,14 @@ async fn main() -> anyhow::Result<()> {
                 .table
                 .and_then(|t| t.latest_stream_arn)
                 .with_context(|| format!("table {} has no stream", args.table))?;
-            let streams = aws_sdk_dynamodbstreams::Client::new(&aws);
+            let stream =
+                DynamoDbStream::new(aws_sdk_dynamodbstreams::Client::new(&aws), stream_arn);
             let config = PollerConfig {
-                stream_arn,
                 batch_size: args.batch_size,
                 idle_interval: Duration::from_millis(args.idle_ms),
-                retry_interval: Duration::from_millis(500),
+                ..PollerConfig::default()
             };
+            let checkpoints = args.checkpoint_file.map(FileCheckpoint::new);
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
             tokio::spawn(async move {
@@ -97,14 +100,16 @@ async fn main() -> anyhow::Result<()> {
                 ));
             }
             poller::run(
-                &streams,
+                &stream,
                 &config,
+                checkpoints.as_ref().map(|c| c as &dyn CheckpointStore),
                 &publisher,
                 dead_letters,
                 &metrics,
                 shutdown,
             )
             .await
+            .context("stream poller")
         }
         None => anyhow::bail!(
             "nothing to do: run `chorus-publisher poll` (or inside Lambda, where \
