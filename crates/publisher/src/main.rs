@@ -56,6 +56,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Poll(args)) => {
+            let checkpoints = args.checkpoint_file.map(FileCheckpoint::new);
+            if let Some(store) = &checkpoints {
+                // A corrupt checkpoint stops start-up before anything is bound or read (the
+                // poller loads it again when it starts).
+                store.load().await?;
+            }
             let publisher = SnsPublisher::new(sns, topic_arn()?);
             let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
             let stream_arn = dynamodb
@@ -80,7 +86,6 @@ async fn main() -> anyhow::Result<()> {
                 idle_interval: Duration::from_millis(args.idle_ms),
                 ..PollerConfig::default()
             };
-            let checkpoints = args.checkpoint_file.map(FileCheckpoint::new);
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
             tokio::spawn(async move {
