@@ -152,6 +152,22 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub replay_stall_timeout_ms: u64,
+    /// `/sns` requests read or verified at once; more are answered 503 at once (SNS retries).
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_MAX_SNS_REQUESTS",
+        default_value_t = 64
+    )]
+    pub max_sns_requests: usize,
+    /// Time an `/sns` request has to send its body, after its headers; a slower one gets 408.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SNS_BODY_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub sns_body_timeout_ms: u64,
     /// How often to check that the subscription still exists (re-subscribing if it is gone).
     #[arg(
         long,
@@ -351,6 +367,8 @@ impl Config {
             ("--join-burst", self.join_burst as usize),
             ("--ping-interval-ms", self.ping_interval_ms as usize),
             ("--tail-check-ms", self.tail_check_ms as usize),
+            ("--max-sns-requests", self.max_sns_requests),
+            ("--sns-body-timeout-ms", self.sns_body_timeout_ms as usize),
             (
                 "--replay-stall-timeout-ms",
                 self.replay_stall_timeout_ms as usize,

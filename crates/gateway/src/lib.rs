@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod certs;
 pub mod config;
 pub mod connection;
 pub mod hub;
@@ -88,6 +89,8 @@ pub(crate) struct AppState {
     pub(crate) auth: Arc<Authenticator>,
     /// One permit per WebSocket connection (`--max-connections`).
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per `/sns` request being read or verified (`--max-sns-requests`).
+    pub(crate) sns_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves, then drains.
@@ -131,16 +134,18 @@ pub async fn run(
         );
     }
 
+    let metrics = Arc::new(GatewayMetrics::default());
     let verifier = if config.insecure_skip_sns_verification {
         None
     } else {
-        Some(Verifier::new(
+        Some(Verifier::with_cache(
             config.topic_arn.clone(),
             Duration::from_secs(config.sns_max_age_secs),
             deps.certs.clone(),
+            certs::CertCacheSettings::default(),
+            Arc::clone(&metrics.certs),
         )?)
     };
-    let metrics = Arc::new(GatewayMetrics::default());
     let hub = Hub::new(
         Arc::clone(&deps.log),
         HubSettings {
@@ -187,6 +192,7 @@ pub async fn run(
         connections: connections.clone(),
         auth,
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+        sns_slots: Arc::new(tokio::sync::Semaphore::new(config.max_sns_requests)),
         config: Arc::new(config),
     };
     let config = Arc::clone(&state.config);

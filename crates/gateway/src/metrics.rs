@@ -2,7 +2,10 @@
 
 use chorus_service::metrics::{Counter, Exposition, Gauge, Histogram};
 
+use std::sync::Arc;
+
 use crate::auth::Refusal;
+use crate::certs::CertMetrics;
 
 /// Every counter and gauge of one gateway.
 #[derive(Debug, Default)]
@@ -32,6 +35,10 @@ pub struct GatewayMetrics {
     pub rejected_topic: Counter,
     pub rejected_signature: Counter,
     pub rejected_cert_unavailable: Counter,
+    pub rejected_busy: Counter,
+    pub rejected_body_timeout: Counter,
+    /// Signing-key look-ups of SNS verification.
+    pub certs: Arc<CertMetrics>,
     pub rejected_payload: Counter,
     pub tail_fills: Counter,
     /// Rooms given up on (a hole the writer could not fill): members closed with RESYNC.
@@ -93,6 +100,8 @@ impl GatewayMetrics {
                     ("wrong_topic", &self.rejected_topic),
                     ("signature", &self.rejected_signature),
                     ("cert_unavailable", &self.rejected_cert_unavailable),
+                    ("busy", &self.rejected_busy),
+                    ("body_timeout", &self.rejected_body_timeout),
                     ("payload", &self.rejected_payload),
                 ],
             )
@@ -158,6 +167,20 @@ impl GatewayMetrics {
                     ("duplicate", &self.bus_events_duplicate),
                     ("held_out_of_order", &self.bus_events_held),
                     ("dropped_buffer_full", &self.bus_events_dropped),
+                ],
+            )
+            .counter(
+                "chorus_gateway_sns_certificates_total",
+                "Signing-key look-ups of SNS verification, by result: cached, fetched, fetch \
+                 failed, a failure remembered (no fetch), or refused because too many fetches \
+                 were under way.",
+                "result",
+                &[
+                    ("hit", &self.certs.hits),
+                    ("fetched", &self.certs.fetched),
+                    ("failed", &self.certs.failed),
+                    ("negative_hit", &self.certs.negative_hits),
+                    ("limited", &self.certs.limited),
                 ],
             )
             .counter(

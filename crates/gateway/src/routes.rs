@@ -148,11 +148,40 @@ async fn websocket(
     })
 }
 
-async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
+/// `/sns`: bounded in how many requests are read and verified at once, and in how long a body
+/// may take, so slow or forged posts cannot starve genuine notifications.
+async fn sns(State(state): State<AppState>, body: axum::body::Body) -> Response {
     let reject = |status: StatusCode, why: &str| {
         state.metrics.bus_rejected.inc();
         tracing::warn!(reason = why, "SNS post rejected");
         plain(status, why.to_owned())
+    };
+    let Ok(_slot) = state.sns_slots.try_acquire() else {
+        state.metrics.rejected_busy.inc();
+        return reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many SNS posts at once: retry later",
+        );
+    };
+    let deadline = std::time::Duration::from_millis(state.config.sns_body_timeout_ms);
+    let body: Bytes = match tokio::time::timeout(
+        deadline,
+        axum::body::to_bytes(body, MAX_SNS_POST_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            state.metrics.rejected_malformed.inc();
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body over the limit or unreadable",
+            );
+        }
+        Err(_) => {
+            state.metrics.rejected_body_timeout.inc();
+            return reject(StatusCode::REQUEST_TIMEOUT, "body not sent in time");
+        }
     };
     let envelope: SnsEnvelope = match serde_json::from_slice(&body) {
         Ok(envelope) => envelope,

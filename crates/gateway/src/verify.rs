@@ -8,17 +8,22 @@
 //!   `UnsubscribeConfirmation` the fields Message, MessageId, SubscribeURL, Timestamp, Token,
 //!   TopicArn, Type; each as `Name\nValue\n`;
 //! - the key is from `SigningCertURL`, which must be `https://sns.<region>.amazonaws.com[.cn]/
-//!   SimpleNotificationService-….pem` (no port, user info, query or fragment), fetched with a short
-//!   timeout, a size cap and no redirects, and cached by URL;
+//!   SimpleNotificationService-….pem` (no port, user info, query or fragment) with the topic's own
+//!   region, fetched with a short timeout, a size cap and no redirects, and cached by URL
+//!   ([`KeyCache`]: LRU, single flight, bounded fetches, failures remembered);
 //! - `Timestamp` is no older than the configured window (and not from the future beyond it).
+//!
+//! Every check that needs no I/O (topic, type, version, timestamp, the certificate URL's shape
+//! and region, the signature's encoding) runs before any certificate is fetched, so a forged
+//! message costs a fetch only if it names a well-formed certificate of the topic's region, and
+//! then at most one fetch per such URL per failure TTL.
 //!
 //! Against a local emulator the certificate host cannot be reached: [`CertSource::Mirror`] fetches
 //! the same path from another base URL (the emulator's), optionally signing the request as an
 //! SNS API call (SigV4, service `sns`), which is how the emulator routes it. The URL check itself
 //! is not relaxed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::provider::{ProvideCredentials as _, SharedCredentialsProvider};
@@ -31,12 +36,10 @@ use x509_cert::Certificate;
 use x509_cert::der::{DecodePem as _, Encode as _};
 
 use crate::bus::SnsEnvelope;
+use crate::certs::{CertCacheSettings, CertMetrics, KeyCache};
 
 /// Largest certificate accepted, in bytes.
 const MAX_CERT_BYTES: usize = 16 * 1024;
-/// Most certificates kept (SNS rotates them rarely; this bounds memory against forged URLs that
-/// pass the checks but name other regions' paths).
-const MAX_CACHED_CERTS: usize = 32;
 
 /// Where signing certificates come from.
 #[derive(Debug, Clone)]
@@ -51,8 +54,9 @@ pub enum CertSource {
     },
 }
 
-/// Why a message was refused. Logged (without the payload) and counted; the sender gets 403.
-#[derive(Debug, thiserror::Error)]
+/// Why a message was refused. Logged (without the payload) and counted; the sender gets 403, or
+/// 503 for [`VerifyError::CertFetch`] (the certificate could not be had just now: SNS retries).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum VerifyError {
     #[error("message is not from the configured topic")]
     WrongTopic,
@@ -83,8 +87,9 @@ struct VerifierInner {
     max_age: Duration,
     source: CertSource,
     http: reqwest::Client,
-    /// Certificate URL → key. A std `Mutex`: held only to read or insert, never across `.await`.
-    keys: Mutex<HashMap<String, Arc<RsaPublicKey>>>,
+    /// The topic's region: certificates must be from its SNS host.
+    region: Option<String>,
+    keys: KeyCache,
 }
 
 impl Verifier {
@@ -97,6 +102,29 @@ impl Verifier {
         max_age: Duration,
         source: CertSource,
     ) -> Result<Self, reqwest::Error> {
+        Self::with_cache(
+            topic_arn,
+            max_age,
+            source,
+            CertCacheSettings::default(),
+            Arc::default(),
+        )
+    }
+
+    /// [`Self::new`] with the key cache's limits and metrics given.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn with_cache(
+        topic_arn: impl Into<String>,
+        max_age: Duration,
+        source: CertSource,
+        cache: CertCacheSettings,
+        metrics: Arc<CertMetrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let topic_arn = topic_arn.into();
+        // arn:aws:sns:<region>:<account>:<name>
+        let region = topic_arn.split(':').nth(3).map(str::to_owned);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
@@ -104,11 +132,12 @@ impl Verifier {
             .build()?;
         Ok(Verifier {
             inner: Arc::new(VerifierInner {
-                topic_arn: topic_arn.into(),
+                topic_arn,
                 max_age,
                 source,
                 http,
-                keys: Mutex::default(),
+                region,
+                keys: KeyCache::new(cache, metrics),
             }),
         })
     }
@@ -132,6 +161,7 @@ impl Verifier {
             .as_deref()
             .ok_or(VerifyError::MissingField("SigningCertURL"))?;
         check_cert_url(cert_url)?;
+        self.check_cert_region(cert_url)?;
         let signature = message
             .signature
             .as_deref()
@@ -166,34 +196,35 @@ impl Verifier {
         Ok(())
     }
 
+    /// The certificate must be from the SNS host of the topic's own region.
+    fn check_cert_region(&self, cert_url: &str) -> Result<(), VerifyError> {
+        let Some(region) = &self.inner.region else {
+            return Ok(());
+        };
+        let host = url::Url::parse(cert_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let expected = format!("sns.{region}.amazonaws.com");
+        if host == expected || host == format!("{expected}.cn") {
+            Ok(())
+        } else {
+            Err(VerifyError::CertUrl(format!(
+                "host must be {expected}, the topic's region"
+            )))
+        }
+    }
+
     async fn key(&self, cert_url: &str) -> Result<Arc<RsaPublicKey>, VerifyError> {
-        if let Some(key) = self
-            .inner
+        let this = self.clone();
+        let url = cert_url.to_owned();
+        self.inner
             .keys
-            .lock()
-            .expect("key cache lock poisoned")
-            .get(cert_url)
-        {
-            return Ok(Arc::clone(key));
-        }
-        let pem = self.fetch(cert_url).await?;
-        let cert = Certificate::from_pem(&pem).map_err(|e| VerifyError::BadCert(e.to_string()))?;
-        let spki = cert
-            .tbs_certificate
-            .subject_public_key_info
-            .to_der()
-            .map_err(|e| VerifyError::BadCert(e.to_string()))?;
-        let key = Arc::new(
-            RsaPublicKey::from_public_key_der(&spki)
-                .map_err(|e| VerifyError::BadCert(e.to_string()))?,
-        );
-        let mut keys = self.inner.keys.lock().expect("key cache lock poisoned");
-        if keys.len() >= MAX_CACHED_CERTS {
-            keys.clear();
-        }
-        keys.insert(cert_url.to_owned(), Arc::clone(&key));
-        tracing::info!(%cert_url, "SNS signing certificate fetched and cached");
-        Ok(key)
+            .get(cert_url, move || async move {
+                let pem = this.fetch(&url).await?;
+                parse_key(&pem).map(Arc::new)
+            })
+            .await
     }
 
     async fn fetch(&self, cert_url: &str) -> Result<Vec<u8>, VerifyError> {
@@ -238,6 +269,17 @@ impl Verifier {
         }
         Ok(body)
     }
+}
+
+/// The RSA public key of a PEM certificate.
+fn parse_key(pem: &[u8]) -> Result<RsaPublicKey, VerifyError> {
+    let cert = Certificate::from_pem(pem).map_err(|e| VerifyError::BadCert(e.to_string()))?;
+    let spki = cert
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| VerifyError::BadCert(e.to_string()))?;
+    RsaPublicKey::from_public_key_der(&spki).map_err(|e| VerifyError::BadCert(e.to_string()))
 }
 
 enum Hash {
@@ -402,5 +444,38 @@ mod tests {
         ] {
             assert!(check_cert_url(bad).is_err(), "{bad} passed");
         }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_of_another_region_is_refused_before_any_fetch() {
+        let metrics = Arc::new(CertMetrics::default());
+        let verifier = Verifier::with_cache(
+            "arn:aws:sns:us-east-1:123456789012:chorus",
+            Duration::from_secs(3600),
+            CertSource::Mirror {
+                base: "http://127.0.0.1:9".into(),
+                sign_as: None,
+            },
+            CertCacheSettings::default(),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let timestamp = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let message: SnsEnvelope = serde_json::from_value(serde_json::json!({
+            "Type": "Notification",
+            "MessageId": "m",
+            "TopicArn": "arn:aws:sns:us-east-1:123456789012:chorus",
+            "Message": "{}",
+            "Timestamp": timestamp,
+            "SignatureVersion": "2",
+            "Signature": "AAAA",
+            "SigningCertURL": "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.pem",
+        }))
+        .unwrap();
+        let refused = verifier.verify(&message).await.unwrap_err();
+        assert!(matches!(refused, VerifyError::CertUrl(_)), "{refused}");
+        assert_eq!(metrics.fetched.get() + metrics.failed.get(), 0, "no fetch");
     }
 }
