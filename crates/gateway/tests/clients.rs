@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chorus_chat::{Client, ClientError, Received};
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
-use common::{Gateway, WAIT};
+use common::{Gateway, WAIT, metric};
 use futures_util::StreamExt as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
@@ -572,13 +572,6 @@ async fn stalled_joiner(
     .await
     .unwrap();
     stalled
-}
-
-/// The value of a metric line that starts with `name`.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
 #[tokio::test]

@@ -8,14 +8,8 @@ use std::time::Duration;
 
 use chorus_chat::Client;
 use chorus_protocol::{RoomId, Seq, ServerFrame};
-use common::{Gateway, WAIT};
+use common::{Gateway, WAIT, metric};
 use tokio::io::AsyncWriteExt as _;
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-}
 
 /// A post that sends its headers and a few bytes of a longer body, then stalls.
 async fn slow_post(addr: std::net::SocketAddr) -> tokio::net::TcpStream {

@@ -332,3 +332,10 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// The value of the metric line that starts with `name` (its labels included).
+pub(crate) fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
