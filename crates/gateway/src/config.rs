@@ -93,8 +93,9 @@ pub struct Config {
     #[arg(long, global = true, env = "CHORUS_INSECURE_SKIP_SNS_VERIFICATION")]
     pub insecure_skip_sns_verification: bool,
     /// Local emulators only: fetch SNS signing certificates from this base URL (the certificate
-    /// URL's path is kept, and the request is signed as an SNS call) instead of from the
-    /// `sns.<region>.amazonaws.com` host the message names. The URL checks still apply.
+    /// URL's path is kept, and the request is signed as an SNS call) whatever host or scheme the
+    /// message's `SigningCertURL` names, instead of only from `https://sns.<region>.amazonaws.com`.
+    /// Signatures are still checked. The gateway warns at every start with this set.
     #[arg(long, global = true, env = "CHORUS_SNS_CERT_MIRROR")]
     pub sns_cert_mirror: Option<String>,
     /// SNS messages whose Timestamp is older than this many seconds are refused.

@@ -121,7 +121,9 @@ pub async fn run(
     ) {
         tracing::warn!(
             gateway = %gateway_id, %mirror,
-            "SNS signing certificates are fetched from a mirror: for a local emulator only"
+            "SNS SIGNING CERTIFICATES COME FROM A MIRROR, whatever host the messages name: \
+             trust in the mirror replaces the check that certificates come from an SNS host. \
+             Use this only with a local emulator, never on AWS."
         );
     }
     if config.insecure_dev_users {

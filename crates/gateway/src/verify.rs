@@ -7,15 +7,20 @@
 //!   if present), Timestamp, TopicArn, Type; for `SubscriptionConfirmation` and
 //!   `UnsubscribeConfirmation` the fields Message, MessageId, SubscribeURL, Timestamp, Token,
 //!   TopicArn, Type; each as `Name\nValue\n`;
-//! - the key is from `SigningCertURL`, which must be `https://sns.<region>.amazonaws.com[.cn]/
-//!   SimpleNotificationService-….pem` (no port, user info, query or fragment), fetched with a short
-//!   timeout, a size cap and no redirects, and cached by URL;
+//! - the key is from the certificate `SigningCertURL` names, fetched with a short timeout, a size
+//!   cap and no redirects, and cached by the URL it was fetched from;
 //! - `Timestamp` is no older than the configured window (and not from the future beyond it).
 //!
-//! Against a local emulator the certificate host cannot be reached: [`CertSource::Mirror`] fetches
-//! the same path from another base URL (the emulator's), optionally signing the request as an
-//! SNS API call (SigV4, service `sns`), which is how the emulator routes it. The URL check itself
-//! is not relaxed.
+//! Where the certificate comes from depends on the [`CertSource`]:
+//! - [`CertSource::Aws`] (production): `SigningCertURL` itself, which must be
+//!   `https://sns.<region>.amazonaws.com[.cn]/SimpleNotificationService-….pem` (no port, user info,
+//!   query or fragment): see [`check_cert_url`].
+//! - [`CertSource::Mirror`] (`--sns-cert-mirror`, local emulators only): the URL's path, fetched
+//!   from the configured mirror, whatever host or scheme the URL names (moto names the AWS host,
+//!   LocalStack names itself over plain HTTP); only its shape is checked
+//!   ([`check_mirrored_cert_url`]). Optionally the request is signed as an SNS API call (SigV4,
+//!   service `sns`), which is how moto routes it. Trusting the mirror is what makes this local
+//!   only: the signature still has to verify, so verification stays on against every emulator.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,8 +48,9 @@ const MAX_CACHED_CERTS: usize = 32;
 pub enum CertSource {
     /// From the URL in the message (production).
     Aws,
-    /// From `base` + the URL's path: for a local emulator that serves the certificate itself.
-    /// With `sign_as`, the request carries a SigV4 signature for service `sns` in that region.
+    /// From `base` + the URL's path, whatever host or scheme the URL names: for a local emulator
+    /// that serves the certificate itself. With `sign_as`, the request carries a SigV4 signature
+    /// for service `sns` in that region.
     Mirror {
         base: String,
         sign_as: Option<(SharedCredentialsProvider, String)>,
@@ -131,7 +137,16 @@ impl Verifier {
             .signing_cert_url
             .as_deref()
             .ok_or(VerifyError::MissingField("SigningCertURL"))?;
-        check_cert_url(cert_url)?;
+        let fetch_from = match &self.inner.source {
+            CertSource::Aws => {
+                check_cert_url(cert_url)?;
+                cert_url.to_owned()
+            }
+            CertSource::Mirror { base, .. } => {
+                let path = check_mirrored_cert_url(cert_url)?;
+                format!("{}{path}", base.trim_end_matches('/'))
+            }
+        };
         let signature = message
             .signature
             .as_deref()
@@ -142,7 +157,7 @@ impl Verifier {
         let signature =
             Signature::try_from(signature.as_slice()).map_err(|_| VerifyError::BadSignature)?;
         let text = string_to_sign(message)?;
-        let key = self.key(cert_url).await?;
+        let key = self.key(&fetch_from).await?;
         let verified = match hash {
             Hash::Sha1 => {
                 VerifyingKey::<sha1::Sha1>::new((*key).clone()).verify(text.as_bytes(), &signature)
@@ -166,17 +181,18 @@ impl Verifier {
         Ok(())
     }
 
-    async fn key(&self, cert_url: &str) -> Result<Arc<RsaPublicKey>, VerifyError> {
+    /// The key of the certificate at `url` (already checked), from the cache or fetched.
+    async fn key(&self, url: &str) -> Result<Arc<RsaPublicKey>, VerifyError> {
         if let Some(key) = self
             .inner
             .keys
             .lock()
             .expect("key cache lock poisoned")
-            .get(cert_url)
+            .get(url)
         {
             return Ok(Arc::clone(key));
         }
-        let pem = self.fetch(cert_url).await?;
+        let pem = self.fetch(url).await?;
         let cert = Certificate::from_pem(&pem).map_err(|e| VerifyError::BadCert(e.to_string()))?;
         let spki = cert
             .tbs_certificate
@@ -191,29 +207,20 @@ impl Verifier {
         if keys.len() >= MAX_CACHED_CERTS {
             keys.clear();
         }
-        keys.insert(cert_url.to_owned(), Arc::clone(&key));
-        tracing::info!(%cert_url, "SNS signing certificate fetched and cached");
+        keys.insert(url.to_owned(), Arc::clone(&key));
+        tracing::info!(cert_url = %url, "SNS signing certificate fetched and cached");
         Ok(key)
     }
 
-    async fn fetch(&self, cert_url: &str) -> Result<Vec<u8>, VerifyError> {
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, VerifyError> {
         let fetch_err = |e: &dyn std::fmt::Display| VerifyError::CertFetch(e.to_string());
-        let (url, sign_as) = match &self.inner.source {
-            CertSource::Aws => (cert_url.to_owned(), None),
-            CertSource::Mirror { base, sign_as } => {
-                let path = url::Url::parse(cert_url)
-                    .map_err(|e| fetch_err(&e))?
-                    .path()
-                    .to_owned();
-                (
-                    format!("{}{path}", base.trim_end_matches('/')),
-                    sign_as.as_ref(),
-                )
-            }
-        };
-        let mut request = self.inner.http.get(&url);
-        if let Some((credentials, region)) = sign_as {
-            for (name, value) in sigv4_headers(&url, credentials, region)
+        let mut request = self.inner.http.get(url);
+        if let CertSource::Mirror {
+            sign_as: Some((credentials, region)),
+            ..
+        } = &self.inner.source
+        {
+            for (name, value) in sigv4_headers(url, credentials, region)
                 .await
                 .map_err(|e| fetch_err(&e))?
             {
@@ -293,6 +300,38 @@ pub fn check_cert_url(raw: &str) -> Result<(), VerifyError> {
         return refuse("path must be /SimpleNotificationService-<id>.pem");
     }
     Ok(())
+}
+
+/// Checks the shape of a `SigningCertURL` whose certificate is fetched from a mirror, and returns
+/// the path to fetch there: any host and an `http` or `https` scheme (the mirror is trusted, not
+/// the host the URL names), no user info, query or fragment, and a path that names a `.pem` file.
+///
+/// # Errors
+/// [`VerifyError::CertUrl`] saying which part is wrong.
+pub fn check_mirrored_cert_url(raw: &str) -> Result<String, VerifyError> {
+    let refuse = |why: &str| Err(VerifyError::CertUrl(why.to_owned()));
+    let url = url::Url::parse(raw).map_err(|e| VerifyError::CertUrl(format!("not a URL: {e}")))?;
+    if !(url.scheme() == "https" || url.scheme() == "http") {
+        return refuse("scheme must be http or https");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("user info not allowed");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return refuse("query or fragment not allowed");
+    }
+    let path = url.path();
+    let file_ok = path.rsplit('/').next().is_some_and(|file| {
+        file.len() > ".pem".len()
+            && file.ends_with(".pem")
+            && file
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    });
+    if !file_ok {
+        return refuse("path must name a .pem file");
+    }
+    Ok(path.to_owned())
 }
 
 /// The string SNS signs, for this message's type.
@@ -401,6 +440,39 @@ mod tests {
             "not a url",
         ] {
             assert!(check_cert_url(bad).is_err(), "{bad} passed");
+        }
+    }
+
+    #[test]
+    fn mirrored_certificate_urls_keep_their_path_whatever_the_host() {
+        for (url, path) in [
+            (
+                "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem",
+                "/SimpleNotificationService-abc.pem",
+            ),
+            (
+                "http://127.0.0.1:4566/_aws/sns/SimpleNotificationService-6c6f63616c.pem",
+                "/_aws/sns/SimpleNotificationService-6c6f63616c.pem",
+            ),
+            (
+                "http://localhost.localstack.cloud:4566/a/b/c.pem",
+                "/a/b/c.pem",
+            ),
+        ] {
+            assert_eq!(check_mirrored_cert_url(url).unwrap(), path);
+        }
+        for bad in [
+            "ftp://127.0.0.1/cert.pem",
+            "file:///etc/ssl/cert.pem",
+            "http://user:pw@127.0.0.1/cert.pem",
+            "http://127.0.0.1/cert.pem?x=1",
+            "http://127.0.0.1/cert.pem#x",
+            "http://127.0.0.1/cert.txt",
+            "http://127.0.0.1/.pem",
+            "http://127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(check_mirrored_cert_url(bad).is_err(), "{bad} passed");
         }
     }
 }
