@@ -133,7 +133,8 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub subscription_check_ms: u64,
-    /// How long to wait for SNS to confirm the subscription at start.
+    /// How long a subscription may stay pending confirmation before it is removed and made again
+    /// (SNS then sends a new confirmation). Not ready meanwhile; `/readyz` says why.
     #[arg(
         long,
         global = true,
@@ -141,6 +142,12 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub subscribe_timeout_ms: u64,
+    /// Subscriptions made, each waited on for `--subscribe-timeout-ms`, before the gateway gives
+    /// up with an error saying why (at start it then exits; later it tries again at the next
+    /// subscription check).
+    #[arg(long, global = true, env = "CHORUS_SUBSCRIBE_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub subscribe_attempts: u32,
     /// Timeout of one call to the writer (sends are retried up to 3 times with the same id).
     #[arg(
         long,

@@ -78,7 +78,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         plain(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: subscribing or draining",
+            format!("not ready: {}", state.subscription.describe()),
         )
     }
 }
@@ -170,7 +170,13 @@ async fn sns(State(state): State<AppState>, body: Bytes) -> Response {
         state.metrics.bus_rejected.inc();
         state.metrics.rejected_signature.inc();
         // The reason, never the payload.
-        tracing::warn!(message_id = %envelope.message_id.chars().take(64).collect::<String>(), reason = %e, "SNS post refused: not a genuine message of the topic");
+        let message_id: String = envelope.message_id.chars().take(96).collect();
+        if envelope.kind == "SubscriptionConfirmation" {
+            tracing::warn!(%message_id, reason = %e, "SubscriptionConfirmation refused: not a genuine message of the topic; the subscription stays pending");
+            state.subscription.confirmation_refused(&e);
+        } else {
+            tracing::warn!(%message_id, reason = %e, "SNS post refused: not a genuine message of the topic");
+        }
         return plain(StatusCode::FORBIDDEN, "signature verification failed");
     }
     match envelope.kind.as_str() {

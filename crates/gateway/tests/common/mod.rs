@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
+pub(crate) mod sns;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
