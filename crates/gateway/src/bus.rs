@@ -4,6 +4,7 @@
 //! SNS posts a JSON envelope with `Content-Type: text/plain`; the body is read as bytes and
 //! parsed here, and checked by [`crate::verify`] before anything in it is used.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_sns::Client;
@@ -204,30 +205,157 @@ impl TopicSubscriptions for SnsSubscriptions {
     }
 }
 
-/// Subscribes and waits until SNS confirms (our `/sns` handler confirms when asked).
+/// How long the gateway waits for SNS to confirm a subscription, and how often it tries.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfirmPolicy {
+    /// How long one subscription may stay pending before it is removed and made again.
+    pub timeout: Duration,
+    /// Subscriptions made before giving up (at least 1).
+    pub attempts: u32,
+}
+
+/// Where the gateway's subscription stands, in words for `/readyz` and the log, and which
+/// subscription drain must remove. Written by the subscription lifecycle and the `/sns` route,
+/// read by `/readyz`. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionStatus {
+    /// A std `Mutex`: held only to read or replace a few strings, never across `.await`.
+    inner: Arc<Mutex<StatusInner>>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    /// The subscription made last, pending or confirmed; `None` before the first and after it
+    /// was removed.
+    arn: Option<String>,
+    /// What the gateway waits for while it is not ready.
+    waiting_for: String,
+    /// Why the last SubscriptionConfirmation posted to this gateway was refused, until a
+    /// subscription is confirmed.
+    refused_confirmation: Option<String>,
+}
+
+impl SubscriptionStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner
+            .lock()
+            .expect("subscription status lock poisoned")
+    }
+
+    /// The subscription made last, pending or confirmed.
+    pub fn arn(&self) -> Option<String> {
+        self.lock().arn.clone()
+    }
+
+    pub(crate) fn set_arn(&self, arn: Option<String>) {
+        self.lock().arn = arn;
+    }
+
+    /// Says what the gateway waits for (shown by `/readyz` while not ready).
+    pub fn waiting_for(&self, what: impl Into<String>) {
+        self.lock().waiting_for = what.into();
+    }
+
+    /// Records that a SubscriptionConfirmation was refused, and why: the subscription stays
+    /// pending, and `/readyz` and the final error say so.
+    pub fn confirmation_refused(&self, why: impl std::fmt::Display) {
+        self.lock().refused_confirmation = Some(why.to_string());
+    }
+
+    fn confirmed(&self) {
+        let mut inner = self.lock();
+        inner.refused_confirmation = None;
+        inner.waiting_for.clear();
+    }
+
+    /// Why the gateway is not ready, in a sentence.
+    pub fn describe(&self) -> String {
+        let inner = self.lock();
+        let mut out = if inner.waiting_for.is_empty() {
+            "starting".to_owned()
+        } else {
+            inner.waiting_for.clone()
+        };
+        if let Some(why) = &inner.refused_confirmation {
+            out.push_str("; the last SubscriptionConfirmation was refused: ");
+            out.push_str(why);
+        }
+        out
+    }
+}
+
+/// Subscribes and waits until SNS confirms (our `/sns` handler confirms when asked). A
+/// subscription still pending after `policy.timeout` (its confirmation never came, or was
+/// refused) is removed and made again, which has SNS send a new confirmation; after
+/// `policy.attempts` subscriptions, gives up. `status` tells `/readyz` where it stands all along.
+///
+/// Cancel-safe: the subscription made last is always in `status`, for drain to remove.
 ///
 /// # Errors
-/// When subscribing fails or confirmation does not come within `timeout`.
+/// When a call to SNS fails, or no subscription is confirmed in `policy.attempts` tries.
 pub async fn subscribe_and_confirm(
     subscriptions: &dyn TopicSubscriptions,
     endpoint: &Endpoint,
-    timeout: Duration,
+    policy: ConfirmPolicy,
+    status: &SubscriptionStatus,
 ) -> Result<String, BusError> {
-    let arn = subscriptions.subscribe(endpoint).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if subscriptions.state(&arn).await? == SubscriptionState::Confirmed {
-            return Ok(arn);
+    let attempts = policy.attempts.max(1);
+    for attempt in 1..=attempts {
+        status.waiting_for(format!(
+            "subscribing {endpoint} to the topic (attempt {attempt} of {attempts})"
+        ));
+        let arn = subscriptions.subscribe(endpoint).await?;
+        status.set_arn(Some(arn.clone()));
+        tracing::info!(%endpoint, subscription = %arn, attempt, attempts, "subscribed: waiting for SNS to confirm");
+        let started = tokio::time::Instant::now();
+        loop {
+            match subscriptions.state(&arn).await? {
+                SubscriptionState::Confirmed => {
+                    status.confirmed();
+                    return Ok(arn);
+                }
+                SubscriptionState::Gone => break,
+                SubscriptionState::Pending => {}
+            }
+            let waited = started.elapsed();
+            status.waiting_for(format!(
+                "subscription {arn} pending confirmation for {:.1} s of {:.1} s (attempt \
+                 {attempt} of {attempts}): no SubscriptionConfirmation from SNS has been accepted \
+                 yet",
+                waited.as_secs_f32(),
+                policy.timeout.as_secs_f32()
+            ));
+            if waited >= policy.timeout {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = subscriptions.unsubscribe(&arn).await;
-            return Err(BusError(format!(
-                "subscription of {endpoint} not confirmed within {timeout:?}: is the endpoint \
-                 reachable from SNS?"
-            )));
+        tracing::warn!(
+            %endpoint, subscription = %arn, attempt, attempts,
+            waited_ms = started.elapsed().as_millis() as u64,
+            refused = status.lock().refused_confirmation.as_deref().unwrap_or("none"),
+            "the subscription is still not confirmed: removing it{}",
+            if attempt < attempts { " and subscribing again" } else { "" }
+        );
+        // A pending subscription may not be removable (SNS expires those itself); subscribing
+        // again still has SNS send a new confirmation.
+        if let Err(e) = subscriptions.unsubscribe(&arn).await {
+            tracing::debug!(subscription = %arn, error.message = %e, "removing the pending subscription failed");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        status.set_arn(None);
     }
+    let refused = status
+        .lock()
+        .refused_confirmation
+        .as_ref()
+        .map(|why| format!(" (the last SubscriptionConfirmation was refused: {why})"))
+        .unwrap_or_default();
+    Err(BusError(format!(
+        "the subscription of {endpoint} was not confirmed in {attempts} attempts of {:?}{refused}: \
+         check that SNS reaches the endpoint and that its messages verify (with an emulator: \
+         --sns-cert-mirror)",
+        policy.timeout
+    )))
 }
 
 /// Removes the topic's HTTP(S) subscriptions whose gateway no longer answers at all (connection

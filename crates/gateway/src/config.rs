@@ -93,8 +93,9 @@ pub struct Config {
     #[arg(long, global = true, env = "CHORUS_INSECURE_SKIP_SNS_VERIFICATION")]
     pub insecure_skip_sns_verification: bool,
     /// Local emulators only: fetch SNS signing certificates from this base URL (the certificate
-    /// URL's path is kept, and the request is signed as an SNS call) instead of from the
-    /// `sns.<region>.amazonaws.com` host the message names. The URL checks still apply.
+    /// URL's path is kept, and the request is signed as an SNS call) whatever host or scheme the
+    /// message's `SigningCertURL` names, instead of only from `https://sns.<region>.amazonaws.com`.
+    /// Signatures are still checked. The gateway warns at every start with this set.
     #[arg(long, global = true, env = "CHORUS_SNS_CERT_MIRROR")]
     pub sns_cert_mirror: Option<String>,
     /// SNS messages whose Timestamp is older than this many seconds are refused.
@@ -176,7 +177,8 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub subscription_check_ms: u64,
-    /// How long to wait for SNS to confirm the subscription at start.
+    /// How long a subscription may stay pending confirmation before it is removed and made again
+    /// (SNS then sends a new confirmation). Not ready meanwhile; `/readyz` says why.
     #[arg(
         long,
         global = true,
@@ -184,6 +186,12 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub subscribe_timeout_ms: u64,
+    /// Subscriptions made, each waited on for `--subscribe-timeout-ms`, before the gateway gives
+    /// up with an error saying why (at start it then exits; later it tries again at the next
+    /// subscription check).
+    #[arg(long, global = true, env = "CHORUS_SUBSCRIBE_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub subscribe_attempts: u32,
     /// Timeout of one call to the writer (sends are retried up to 3 times with the same id).
     #[arg(
         long,

@@ -37,7 +37,9 @@ use tokio_util::task::TaskTracker;
 use chorus_service::http::HttpSettings;
 
 use crate::auth::{AuthConfigError, Authenticator};
-use crate::bus::{Endpoint, TopicSubscriptions, subscribe_and_confirm};
+use crate::bus::{
+    ConfirmPolicy, Endpoint, SubscriptionStatus, TopicSubscriptions, subscribe_and_confirm,
+};
 use crate::config::BusKind;
 pub use crate::config::{Config, ConfigError};
 use crate::connection::{ConnectionContext, ConnectionSettings};
@@ -83,6 +85,8 @@ pub(crate) struct AppState {
     pub(crate) verifier: Option<Verifier>,
     pub(crate) metrics: Arc<GatewayMetrics>,
     pub(crate) ready: Arc<AtomicBool>,
+    /// Why the gateway is not ready, for `/readyz`; refused confirmations are noted in it.
+    pub(crate) subscription: SubscriptionStatus,
     /// The chat page, rendered once.
     pub(crate) page: Arc<str>,
     pub(crate) connections: TaskTracker,
@@ -124,7 +128,9 @@ pub async fn run(
     ) {
         tracing::warn!(
             gateway = %gateway_id, %mirror,
-            "SNS signing certificates are fetched from a mirror: for a local emulator only"
+            "SNS SIGNING CERTIFICATES COME FROM A MIRROR, whatever host the messages name: \
+             trust in the mirror replaces the check that certificates come from an SNS host. \
+             Use this only with a local emulator, never on AWS."
         );
     }
     if config.insecure_dev_users {
@@ -162,6 +168,8 @@ pub async fn run(
     let drain = CancellationToken::new();
     let connections = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let status = SubscriptionStatus::default();
+    status.waiting_for("starting the bus endpoint");
     let state = AppState {
         connection: ConnectionContext {
             hub: hub.clone(),
@@ -188,6 +196,7 @@ pub async fn run(
         verifier,
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
+        subscription: status.clone(),
         page: routes::chat_page(&gateway_id, &config.web_fallback).into(),
         connections: connections.clone(),
         auth,
@@ -245,31 +254,41 @@ pub async fn run(
             )
         }
     };
+    let policy = ConfirmPolicy {
+        timeout: Duration::from_millis(config.subscribe_timeout_ms),
+        attempts: config.subscribe_attempts,
+    };
     let mut shutdown = std::pin::pin!(shutdown);
-    let subscription = tokio::select! {
-        result = subscribe_and_confirm(
-            deps.subscriptions.as_ref(),
-            &endpoint,
-            Duration::from_millis(config.subscribe_timeout_ms),
-        ) => match result {
-            Ok(arn) => arn,
-            Err(e) => {
-                if let Some(queue) = &queue {
-                    queue.delete().await;
-                }
-                stop_server.cancel();
-                let _ = server.await;
-                return Err(e.into());
+    // `None`: shut down before the subscription was confirmed.
+    let outcome = tokio::select! {
+        result = subscribe_and_confirm(deps.subscriptions.as_ref(), &endpoint, policy, &status) => Some(result),
+        () = &mut shutdown => None,
+    };
+    let subscription = match outcome {
+        Some(Ok(arn)) => arn,
+        failed_or_stopped => {
+            // Leave nothing behind: the subscription still pending (or made just before the
+            // shutdown), the queue, the server.
+            if let Some(arn) = status.arn()
+                && let Err(e) = deps.subscriptions.unsubscribe(&arn).await
+            {
+                tracing::warn!(subscription = %arn, error.message = %e, "removing the unconfirmed subscription failed");
             }
-        },
-        () = &mut shutdown => {
-            tracing::info!(gateway = %gateway_id, "shut down before the subscription was confirmed");
             if let Some(queue) = &queue {
                 queue.delete().await;
             }
             stop_server.cancel();
             let _ = server.await;
-            return Ok(());
+            return match failed_or_stopped {
+                Some(Err(e)) => {
+                    tracing::error!(gateway = %gateway_id, error.message = %e, "no confirmed subscription: stopping");
+                    Err(e.into())
+                }
+                _ => {
+                    tracing::info!(gateway = %gateway_id, "shut down before the subscription was confirmed");
+                    Ok(())
+                }
+            };
         }
     };
     let stop_receiving = CancellationToken::new();
@@ -282,14 +301,13 @@ pub async fn run(
     chorus_service::systemd::ready();
     tracing::info!(gateway = %gateway_id, %endpoint, %subscription, "gateway ready: subscribed to the topic");
 
-    let subscription = Arc::new(std::sync::Mutex::new(subscription));
     let stop_watch = CancellationToken::new();
     let watch = tokio::spawn(watch_subscription(
         Arc::clone(&deps.subscriptions),
         endpoint.clone(),
-        Arc::clone(&subscription),
+        status.clone(),
         Duration::from_millis(config.subscription_check_ms),
-        Duration::from_millis(config.subscribe_timeout_ms),
+        policy,
         Arc::clone(&ready),
         hub.clone(),
         stop_watch.clone(),
@@ -298,18 +316,18 @@ pub async fn run(
     shutdown.await;
     stop_watch.cancel();
     let _ = watch.await;
-    let subscription = subscription
-        .lock()
-        .expect("subscription lock poisoned")
-        .clone();
 
     // Drain.
     let started = tokio::time::Instant::now();
     let grace = config.drain_timeout();
     ready.store(false, Ordering::Release);
+    status.waiting_for("draining: unsubscribing and closing clients");
     chorus_service::systemd::stopping();
     tracing::info!(gateway = %gateway_id, "draining: unsubscribing and closing clients");
     chorus_service::with_grace("unsubscribing", grace, async {
+        let Some(subscription) = status.arn() else {
+            return;
+        };
         if let Err(e) = deps.subscriptions.unsubscribe(&subscription).await {
             tracing::warn!(error.message = %e, "unsubscribing failed: SNS will drop the endpoint after failed deliveries");
         }
@@ -345,14 +363,15 @@ pub async fn run(
 
 /// Checks every `interval` that the subscription still exists; if it is gone (someone removed
 /// it, or SNS gave up on the endpoint), subscribes again, and since the bus may have lost
-/// messages meanwhile, has every room check its tail. Not ready while re-subscribing.
+/// messages meanwhile, has every room check its tail. Not ready while re-subscribing; a
+/// re-subscription that fails is tried again at the next check.
 #[allow(clippy::too_many_arguments)]
 async fn watch_subscription(
     subscriptions: Arc<dyn TopicSubscriptions>,
     endpoint: Endpoint,
-    current: Arc<std::sync::Mutex<String>>,
+    status: SubscriptionStatus,
     interval: Duration,
-    subscribe_timeout: Duration,
+    policy: ConfirmPolicy,
     ready: Arc<AtomicBool>,
     hub: Hub,
     stop: CancellationToken,
@@ -362,29 +381,35 @@ async fn watch_subscription(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        let arn = current.lock().expect("subscription lock poisoned").clone();
-        match subscriptions.state(&arn).await {
-            Ok(bus::SubscriptionState::Gone) => {
-                tracing::warn!(subscription = %arn, "the subscription is gone: subscribing again");
-                ready.store(false, Ordering::Release);
-                let renewed = tokio::select! {
-                    () = stop.cancelled() => return,
-                    renewed = subscribe_and_confirm(subscriptions.as_ref(), &endpoint, subscribe_timeout) => renewed,
-                };
-                match renewed {
-                    Ok(new_arn) => {
-                        tracing::info!(subscription = %new_arn, "subscribed again");
-                        *current.lock().expect("subscription lock poisoned") = new_arn;
-                        ready.store(true, Ordering::Release);
-                        hub.repair_all();
-                    }
-                    Err(e) => {
-                        tracing::error!(error.message = %e, "subscribing again failed: retrying")
-                    }
+        match status.arn() {
+            // The last re-subscription failed: try again.
+            None => {}
+            Some(arn) => match subscriptions.state(&arn).await {
+                Ok(bus::SubscriptionState::Gone) => {
+                    tracing::warn!(subscription = %arn, "the subscription is gone: subscribing again");
+                    status.set_arn(None);
                 }
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "checking the subscription failed");
+                    continue;
+                }
+            },
+        }
+        ready.store(false, Ordering::Release);
+        let renewed = tokio::select! {
+            () = stop.cancelled() => return,
+            renewed = subscribe_and_confirm(subscriptions.as_ref(), &endpoint, policy, &status) => renewed,
+        };
+        match renewed {
+            Ok(new_arn) => {
+                tracing::info!(subscription = %new_arn, "subscribed again");
+                ready.store(true, Ordering::Release);
+                hub.repair_all();
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error.message = %e, "checking the subscription failed"),
+            Err(e) => {
+                tracing::error!(error.message = %e, "subscribing again failed: trying again at the next check")
+            }
         }
     }
 }

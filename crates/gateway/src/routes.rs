@@ -79,7 +79,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         plain(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: subscribing or draining",
+            format!("not ready: {}", state.subscription.describe()),
         )
     }
 }
@@ -198,7 +198,7 @@ async fn sns(State(state): State<AppState>, body: axum::body::Body) -> Response 
         && let Err(e) = verifier.verify(&envelope).await
     {
         state.metrics.bus_rejected.inc();
-        let message_id: String = envelope.message_id.chars().take(64).collect();
+        let message_id: String = envelope.message_id.chars().take(96).collect();
         if let VerifyError::CertFetch(_) = e {
             // Not a verdict on the message: the certificate could not be had just now. SNS
             // retries a 5xx (never a 4xx), so a genuine notification is not lost.
@@ -211,7 +211,12 @@ async fn sns(State(state): State<AppState>, body: axum::body::Body) -> Response 
         }
         state.metrics.rejected_signature.inc();
         // The reason, never the payload.
-        tracing::warn!(%message_id, reason = %e, "SNS post refused: not a genuine message of the topic");
+        if envelope.kind == "SubscriptionConfirmation" {
+            tracing::warn!(%message_id, reason = %e, "SubscriptionConfirmation refused: not a genuine message of the topic; the subscription stays pending");
+            state.subscription.confirmation_refused(&e);
+        } else {
+            tracing::warn!(%message_id, reason = %e, "SNS post refused: not a genuine message of the topic");
+        }
         return plain(StatusCode::FORBIDDEN, "signature verification failed");
     }
     match envelope.kind.as_str() {

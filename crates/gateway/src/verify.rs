@@ -7,21 +7,26 @@
 //!   if present), Timestamp, TopicArn, Type; for `SubscriptionConfirmation` and
 //!   `UnsubscribeConfirmation` the fields Message, MessageId, SubscribeURL, Timestamp, Token,
 //!   TopicArn, Type; each as `Name\nValue\n`;
-//! - the key is from `SigningCertURL`, which must be `https://sns.<region>.amazonaws.com[.cn]/
-//!   SimpleNotificationService-….pem` (no port, user info, query or fragment) with the topic's own
-//!   region, fetched with a short timeout, a size cap and no redirects, and cached by URL
-//!   ([`KeyCache`]: LRU, single flight, bounded fetches, failures remembered);
+//! - the key is from the certificate `SigningCertURL` names, fetched with a short timeout, a size
+//!   cap and no redirects, and cached by the URL it was fetched from ([`KeyCache`]: LRU, single
+//!   flight, bounded fetches, failures remembered);
 //! - `Timestamp` is no older than the configured window (and not from the future beyond it).
+//!
+//! Where the certificate comes from depends on the [`CertSource`]:
+//! - [`CertSource::Aws`] (production): `SigningCertURL` itself, which must be
+//!   `https://sns.<region>.amazonaws.com[.cn]/SimpleNotificationService-….pem` (no port, user info,
+//!   query or fragment: see [`check_cert_url`]) with the topic's own region.
+//! - [`CertSource::Mirror`] (`--sns-cert-mirror`, local emulators only): the URL's path, fetched
+//!   from the configured mirror, whatever host or scheme the URL names (moto names the AWS host,
+//!   LocalStack names itself over plain HTTP); only its shape is checked
+//!   ([`check_mirrored_cert_url`]). Optionally the request is signed as an SNS API call (SigV4,
+//!   service `sns`), which is how moto routes it. Trusting the mirror is what makes this local
+//!   only: the signature still has to verify, so verification stays on against every emulator.
 //!
 //! Every check that needs no I/O (topic, type, version, timestamp, the certificate URL's shape
 //! and region, the signature's encoding) runs before any certificate is fetched, so a forged
-//! message costs a fetch only if it names a well-formed certificate of the topic's region, and
-//! then at most one fetch per such URL per failure TTL.
-//!
-//! Against a local emulator the certificate host cannot be reached: [`CertSource::Mirror`] fetches
-//! the same path from another base URL (the emulator's), optionally signing the request as an
-//! SNS API call (SigV4, service `sns`), which is how the emulator routes it. The URL check itself
-//! is not relaxed.
+//! message costs a fetch only if it names a well-formed certificate URL, and then at most one
+//! fetch per such URL per failure TTL.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,8 +51,9 @@ const MAX_CERT_BYTES: usize = 16 * 1024;
 pub enum CertSource {
     /// From the URL in the message (production).
     Aws,
-    /// From `base` + the URL's path: for a local emulator that serves the certificate itself.
-    /// With `sign_as`, the request carries a SigV4 signature for service `sns` in that region.
+    /// From `base` + the URL's path, whatever host or scheme the URL names: for a local emulator
+    /// that serves the certificate itself. With `sign_as`, the request carries a SigV4 signature
+    /// for service `sns` in that region.
     Mirror {
         base: String,
         sign_as: Option<(SharedCredentialsProvider, String)>,
@@ -160,8 +166,17 @@ impl Verifier {
             .signing_cert_url
             .as_deref()
             .ok_or(VerifyError::MissingField("SigningCertURL"))?;
-        check_cert_url(cert_url)?;
-        self.check_cert_region(cert_url)?;
+        let fetch_from = match &self.inner.source {
+            CertSource::Aws => {
+                check_cert_url(cert_url)?;
+                self.check_cert_region(cert_url)?;
+                cert_url.to_owned()
+            }
+            CertSource::Mirror { base, .. } => {
+                let path = check_mirrored_cert_url(cert_url)?;
+                format!("{}{path}", base.trim_end_matches('/'))
+            }
+        };
         let signature = message
             .signature
             .as_deref()
@@ -172,7 +187,7 @@ impl Verifier {
         let signature =
             Signature::try_from(signature.as_slice()).map_err(|_| VerifyError::BadSignature)?;
         let text = string_to_sign(message)?;
-        let key = self.key(cert_url).await?;
+        let key = self.key(&fetch_from).await?;
         let verified = match hash {
             Hash::Sha1 => {
                 VerifyingKey::<sha1::Sha1>::new((*key).clone()).verify(text.as_bytes(), &signature)
@@ -227,24 +242,15 @@ impl Verifier {
             .await
     }
 
-    async fn fetch(&self, cert_url: &str) -> Result<Vec<u8>, VerifyError> {
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, VerifyError> {
         let fetch_err = |e: &dyn std::fmt::Display| VerifyError::CertFetch(e.to_string());
-        let (url, sign_as) = match &self.inner.source {
-            CertSource::Aws => (cert_url.to_owned(), None),
-            CertSource::Mirror { base, sign_as } => {
-                let path = url::Url::parse(cert_url)
-                    .map_err(|e| fetch_err(&e))?
-                    .path()
-                    .to_owned();
-                (
-                    format!("{}{path}", base.trim_end_matches('/')),
-                    sign_as.as_ref(),
-                )
-            }
-        };
-        let mut request = self.inner.http.get(&url);
-        if let Some((credentials, region)) = sign_as {
-            for (name, value) in sigv4_headers(&url, credentials, region)
+        let mut request = self.inner.http.get(url);
+        if let CertSource::Mirror {
+            sign_as: Some((credentials, region)),
+            ..
+        } = &self.inner.source
+        {
+            for (name, value) in sigv4_headers(url, credentials, region)
                 .await
                 .map_err(|e| fetch_err(&e))?
             {
@@ -335,6 +341,38 @@ pub fn check_cert_url(raw: &str) -> Result<(), VerifyError> {
         return refuse("path must be /SimpleNotificationService-<id>.pem");
     }
     Ok(())
+}
+
+/// Checks the shape of a `SigningCertURL` whose certificate is fetched from a mirror, and returns
+/// the path to fetch there: any host and an `http` or `https` scheme (the mirror is trusted, not
+/// the host the URL names), no user info, query or fragment, and a path that names a `.pem` file.
+///
+/// # Errors
+/// [`VerifyError::CertUrl`] saying which part is wrong.
+pub fn check_mirrored_cert_url(raw: &str) -> Result<String, VerifyError> {
+    let refuse = |why: &str| Err(VerifyError::CertUrl(why.to_owned()));
+    let url = url::Url::parse(raw).map_err(|e| VerifyError::CertUrl(format!("not a URL: {e}")))?;
+    if !(url.scheme() == "https" || url.scheme() == "http") {
+        return refuse("scheme must be http or https");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("user info not allowed");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return refuse("query or fragment not allowed");
+    }
+    let path = url.path();
+    let file_ok = path.rsplit('/').next().is_some_and(|file| {
+        file.len() > ".pem".len()
+            && file.ends_with(".pem")
+            && file
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    });
+    if !file_ok {
+        return refuse("path must name a .pem file");
+    }
+    Ok(path.to_owned())
 }
 
 /// The string SNS signs, for this message's type.
@@ -452,10 +490,7 @@ mod tests {
         let verifier = Verifier::with_cache(
             "arn:aws:sns:us-east-1:123456789012:chorus",
             Duration::from_secs(3600),
-            CertSource::Mirror {
-                base: "http://127.0.0.1:9".into(),
-                sign_as: None,
-            },
+            CertSource::Aws,
             CertCacheSettings::default(),
             Arc::clone(&metrics),
         )
@@ -477,5 +512,38 @@ mod tests {
         let refused = verifier.verify(&message).await.unwrap_err();
         assert!(matches!(refused, VerifyError::CertUrl(_)), "{refused}");
         assert_eq!(metrics.fetched.get() + metrics.failed.get(), 0, "no fetch");
+    }
+
+    #[test]
+    fn mirrored_certificate_urls_keep_their_path_whatever_the_host() {
+        for (url, path) in [
+            (
+                "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem",
+                "/SimpleNotificationService-abc.pem",
+            ),
+            (
+                "http://127.0.0.1:4566/_aws/sns/SimpleNotificationService-6c6f63616c.pem",
+                "/_aws/sns/SimpleNotificationService-6c6f63616c.pem",
+            ),
+            (
+                "http://localhost.localstack.cloud:4566/a/b/c.pem",
+                "/a/b/c.pem",
+            ),
+        ] {
+            assert_eq!(check_mirrored_cert_url(url).unwrap(), path);
+        }
+        for bad in [
+            "ftp://127.0.0.1/cert.pem",
+            "file:///etc/ssl/cert.pem",
+            "http://user:pw@127.0.0.1/cert.pem",
+            "http://127.0.0.1/cert.pem?x=1",
+            "http://127.0.0.1/cert.pem#x",
+            "http://127.0.0.1/cert.txt",
+            "http://127.0.0.1/.pem",
+            "http://127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(check_mirrored_cert_url(bad).is_err(), "{bad} passed");
+        }
     }
 }

@@ -68,13 +68,13 @@ async fn slow_and_forged_sns_posts_do_not_hold_up_genuine_notifications() {
             let http = reqwest::Client::new();
             let mut sent = 0u32;
             while !stop.is_cancelled() && sent < 20_000 {
-                let mut envelope = common::envelope("{\"v\":1,\"events\":[]}", None);
+                let mut envelope = common::envelope("{\"v\":1,\"events\":[]}", false);
                 envelope["SignatureVersion"] = "2".into();
                 envelope["Signature"] = "A".repeat(344).into();
                 envelope["SigningCertURL"] = if sent % 2 == 0 {
                     format!("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-forged{sent}.pem")
                 } else {
-                    common::CERT_URL.to_owned()
+                    common::cert_url()
                 }
                 .into();
                 let _ = http

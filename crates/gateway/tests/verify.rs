@@ -1,68 +1,20 @@
 //! SNS signature verification with a key and certificate generated for this test run (by the
-//! `openssl` command line, into a temporary folder), served on loopback the way a mirror serves it.
+//! `openssl` command line, into a temporary folder), served on loopback the way a mirror serves it;
+//! and which certificate URLs are fetched on AWS (an SNS host over HTTPS only) and with a mirror
+//! (the mirror, whatever host the URL names).
 
+mod common;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
-use base64::Engine as _;
 use chorus_gateway::bus::SnsEnvelope;
 use chorus_gateway::verify::{CertSource, Verifier, VerifyError, string_to_sign};
-use rsa::pkcs1v15::SigningKey;
-use rsa::pkcs8::DecodePrivateKey as _;
-use rsa::signature::{SignatureEncoding as _, Signer as _};
+use common::sns::{cert_server, forger_key_and_cert, sign, sign_with};
 
 const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:chorus";
 const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
-
-/// A fresh RSA key and self-signed certificate, as PEM: (key, certificate).
-fn generated_key_and_cert() -> &'static (String, String) {
-    static PAIR: OnceLock<(String, String)> = OnceLock::new();
-    PAIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("chorus-sns-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=sns.test.invalid", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("the openssl command line generates the test certificate: install openssl");
-        assert!(status.success(), "openssl failed");
-        let pair = (
-            std::fs::read_to_string(&key).unwrap(),
-            std::fs::read_to_string(&cert).unwrap(),
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-        pair
-    })
-}
-
-/// Serves the generated certificate and counts fetches.
-async fn cert_server() -> (String, Arc<AtomicUsize>) {
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&fetches);
-    let cert = generated_key_and_cert().1.clone();
-    let app = Router::new().route(
-        "/SimpleNotificationService-test.pem",
-        get(move || {
-            counter.fetch_add(1, Ordering::Relaxed);
-            let cert = cert.clone();
-            async move { cert }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (base, fetches)
-}
 
 async fn verifier() -> (Verifier, Arc<AtomicUsize>) {
     let (base, fetches) = cert_server().await;
@@ -96,23 +48,6 @@ fn notification(message: &str) -> SnsEnvelope {
         "SigningCertURL": CERT_URL,
     }))
     .unwrap()
-}
-
-/// Signs as SNS does: over the string to sign, with SHA1 (v1) or SHA256 (v2).
-fn sign(mut envelope: SnsEnvelope, version: &str) -> SnsEnvelope {
-    envelope.signature_version = Some(version.to_owned());
-    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&generated_key_and_cert().0).unwrap();
-    let text = string_to_sign(&envelope).unwrap();
-    let signature = match version {
-        "1" => SigningKey::<sha1::Sha1>::new(key)
-            .sign(text.as_bytes())
-            .to_vec(),
-        _ => SigningKey::<sha2::Sha256>::new(key)
-            .sign(text.as_bytes())
-            .to_vec(),
-    };
-    envelope.signature = Some(base64::engine::general_purpose::STANDARD.encode(signature));
-    envelope
 }
 
 #[tokio::test]
@@ -208,8 +143,8 @@ async fn tampering_with_any_signed_field_is_refused() {
 }
 
 #[tokio::test]
-async fn other_topics_stale_timestamps_and_foreign_certificates_are_refused() {
-    let (verifier, fetches) = verifier().await;
+async fn other_topics_and_stale_timestamps_are_refused() {
+    let (verifier, _) = verifier().await;
     let mut other_topic = notification("x");
     other_topic.topic_arn = "arn:aws:sns:us-east-1:123456789012:other".into();
     assert!(matches!(
@@ -223,31 +158,92 @@ async fn other_topics_stale_timestamps_and_foreign_certificates_are_refused() {
         verifier.verify(&sign(stale, "2")).await,
         Err(VerifyError::Stale(_))
     ));
+}
 
-    let mut foreign = notification("x");
-    foreign.signing_cert_url =
-        Some("https://attacker.example/SimpleNotificationService-test.pem".into());
-    assert!(matches!(
-        verifier.verify(&sign(foreign, "2")).await,
-        Err(VerifyError::CertUrl(_))
-    ));
-    let mut plain_http = notification("x");
-    plain_http.signing_cert_url = Some(CERT_URL.replacen("https", "http", 1));
-    assert!(matches!(
-        verifier.verify(&sign(plain_http, "2")).await,
-        Err(VerifyError::CertUrl(_))
-    ));
-    let mut bad_path = notification("x");
-    bad_path.signing_cert_url = Some("https://sns.us-east-1.amazonaws.com/evil/cert.pem".into());
-    assert!(matches!(
-        verifier.verify(&sign(bad_path, "2")).await,
-        Err(VerifyError::CertUrl(_))
-    ));
+#[tokio::test]
+async fn on_aws_only_certificates_of_an_sns_host_over_https_are_fetched() {
+    // A certificate server on loopback that the refused URLs below could reach: nothing may be
+    // fetched from it.
+    let (base, fetches) = cert_server().await;
+    let verifier = Verifier::new(TOPIC, Duration::from_secs(3600), CertSource::Aws).unwrap();
+    let refused = [
+        format!("{base}/SimpleNotificationService-test.pem"),
+        "https://attacker.example/SimpleNotificationService-test.pem".to_owned(),
+        CERT_URL.replacen("https", "http", 1),
+        "https://sns.us-east-1.amazonaws.com/evil/cert.pem".to_owned(),
+        "https://sns.us-east-1.amazonaws.com:8443/SimpleNotificationService-test.pem".to_owned(),
+    ];
+    for url in refused {
+        let mut message = notification("x");
+        message.signing_cert_url = Some(url.clone());
+        assert!(
+            matches!(
+                verifier.verify(&sign(message, "2")).await,
+                Err(VerifyError::CertUrl(_))
+            ),
+            "{url} was not refused"
+        );
+    }
     assert_eq!(
         fetches.load(Ordering::Relaxed),
         0,
         "nothing is fetched for refused URLs"
     );
+}
+
+#[tokio::test]
+async fn a_mirror_serves_the_certificate_whatever_host_or_scheme_the_url_names() {
+    let (verifier, fetches) = verifier().await;
+    // moto names the AWS host; LocalStack names itself over plain HTTP; a name that does not
+    // resolve proves that the host named is never contacted.
+    for url in [
+        CERT_URL.to_owned(),
+        "http://127.0.0.1:4566/SimpleNotificationService-test.pem".to_owned(),
+        "https://attacker.invalid/SimpleNotificationService-test.pem".to_owned(),
+    ] {
+        let mut message = notification(r#"{"v":1,"events":[]}"#);
+        message.signing_cert_url = Some(url.clone());
+        verifier
+            .verify(&sign(message, "1"))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+    assert_eq!(
+        fetches.load(Ordering::Relaxed),
+        1,
+        "one path on one mirror: fetched once"
+    );
+
+    // The mirror's certificate must still verify the signature: a message signed with another
+    // key, naming the forger's own certificate, is refused.
+    let mut forged = notification(r#"{"v":1,"events":[{"forged":true}]}"#);
+    forged.signing_cert_url =
+        Some("https://forger.invalid/SimpleNotificationService-test.pem".into());
+    assert!(matches!(
+        verifier
+            .verify(&sign_with(forged, "2", &forger_key_and_cert().0))
+            .await,
+        Err(VerifyError::BadSignature)
+    ));
+
+    // Only the shape is checked: a certificate path, no query, no user info.
+    for url in [
+        "http://127.0.0.1:4566/SimpleNotificationService-test.pem?Action=x",
+        "http://127.0.0.1:4566/SimpleNotificationService-test.txt",
+        "http://me:pw@127.0.0.1:4566/SimpleNotificationService-test.pem",
+        "ftp://127.0.0.1/SimpleNotificationService-test.pem",
+    ] {
+        let mut message = notification("x");
+        message.signing_cert_url = Some(url.into());
+        assert!(
+            matches!(
+                verifier.verify(&sign(message, "2")).await,
+                Err(VerifyError::CertUrl(_))
+            ),
+            "{url} was not refused"
+        );
+    }
+    assert_eq!(fetches.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]

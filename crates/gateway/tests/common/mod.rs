@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
+pub(crate) mod sns;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,61 +32,17 @@ pub(crate) struct MemoryLog {
     rooms: Mutex<HashMap<RoomId, Vec<MessageEvent>>>,
     sns_url: OnceLock<String>,
     /// Signs notifications (SignatureVersion 2) when set.
-    signer: OnceLock<rsa::pkcs1v15::SigningKey<sha2::Sha256>>,
+    signed: std::sync::atomic::AtomicBool,
     http: reqwest::Client,
 }
 
-/// The certificate URL the signed harness names; its path is served by [`cert_server`].
-pub(crate) const CERT_URL: &str =
-    "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-chorus-test.pem";
-
-/// A fresh RSA key and self-signed certificate for this run, as PEM: (key, certificate).
-pub(crate) fn key_and_cert() -> &'static (String, String) {
-    static PAIR: OnceLock<(String, String)> = OnceLock::new();
-    PAIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("chorus-harness-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=sns.test.invalid", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("the openssl command line generates the test certificate: install openssl");
-        assert!(status.success(), "openssl failed");
-        let pair = (
-            std::fs::read_to_string(&key).unwrap(),
-            std::fs::read_to_string(&cert).unwrap(),
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-        pair
-    })
+/// The certificate URL the signed harness names; its path is served by [`sns::cert_server`].
+pub(crate) fn cert_url() -> String {
+    format!("https://sns.us-east-1.amazonaws.com{}", sns::CERT_PATH)
 }
 
-/// Serves the generated certificate at [`CERT_URL`]'s path on loopback (every other path is
-/// 404); returns the base URL.
-pub(crate) async fn cert_server() -> String {
-    let cert = key_and_cert().1.clone();
-    let path = url::Url::parse(CERT_URL).unwrap().path().to_owned();
-    let app = axum::Router::new().route(&path, axum::routing::get(move || async move { cert }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    base
-}
-
-/// An SNS envelope as JSON, signed with the run's key when `signer` is given.
-pub(crate) fn envelope(
-    message: &str,
-    signer: Option<&rsa::pkcs1v15::SigningKey<sha2::Sha256>>,
-) -> serde_json::Value {
-    use base64::Engine as _;
-    use rsa::signature::{SignatureEncoding as _, Signer as _};
+/// An SNS envelope as JSON, signed (SignatureVersion 2) with the run's key when `signed`.
+pub(crate) fn envelope(message: &str, signed: bool) -> serde_json::Value {
     let timestamp = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
@@ -95,16 +53,13 @@ pub(crate) fn envelope(
         "Message": message,
         "Timestamp": timestamp,
     });
-    if let Some(signer) = signer {
+    if signed {
         let parsed: chorus_gateway::bus::SnsEnvelope =
             serde_json::from_value(envelope.clone()).unwrap();
-        let text = chorus_gateway::verify::string_to_sign(&parsed).unwrap();
-        let signature = signer.sign(text.as_bytes()).to_vec();
+        let signature = sns::sign(parsed, "2").signature.unwrap();
         envelope["SignatureVersion"] = "2".into();
-        envelope["Signature"] = base64::engine::general_purpose::STANDARD
-            .encode(signature)
-            .into();
-        envelope["SigningCertURL"] = CERT_URL.into();
+        envelope["Signature"] = signature.into();
+        envelope["SigningCertURL"] = cert_url().into();
     }
     envelope
 }
@@ -114,7 +69,10 @@ impl MemoryLog {
     pub(crate) async fn deliver(&self, events: Vec<MessageEvent>) {
         let url = self.sns_url.get().expect("gateway started").clone();
         let message = serde_json::to_string(&BusPayload::new(events)).unwrap();
-        let envelope = envelope(&message, self.signer.get());
+        let envelope = envelope(
+            &message,
+            self.signed.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let response = self
             .http
             .post(url)
@@ -222,22 +180,19 @@ impl Gateway {
     pub(crate) async fn start(configure: impl FnOnce(&mut Config)) -> Gateway {
         // Nothing listens at the certificate mirror: a test that switches verification on
         // never reaches out for a certificate, and sees the fetch fail.
-        Self::start_with(configure, "http://127.0.0.1:9".into(), None).await
+        Self::start_with(configure, "http://127.0.0.1:9".into(), false).await
     }
 
     /// A gateway that verifies every SNS post, fed by a log that signs its notifications.
     pub(crate) async fn start_signed(configure: impl FnOnce(&mut Config)) -> Gateway {
-        use rsa::pkcs8::DecodePrivateKey as _;
-        let key = rsa::RsaPrivateKey::from_pkcs8_pem(&key_and_cert().0).unwrap();
-        let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(key);
-        let certs = cert_server().await;
+        let (certs, _fetches) = sns::cert_server().await;
         Self::start_with(
             |config| {
                 config.insecure_skip_sns_verification = false;
                 configure(config);
             },
             certs,
-            Some(signer),
+            true,
         )
         .await
     }
@@ -245,7 +200,7 @@ impl Gateway {
     async fn start_with(
         configure: impl FnOnce(&mut Config),
         cert_mirror: String,
-        signer: Option<rsa::pkcs1v15::SigningKey<sha2::Sha256>>,
+        signed: bool,
     ) -> Gateway {
         let mut config = Config::new(TOPIC, "http://127.0.0.1:9");
         config.insecure_skip_sns_verification = true;
@@ -255,9 +210,8 @@ impl Gateway {
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(MemoryLog::default());
         log.sns_url.set(format!("http://{addr}/sns")).unwrap();
-        if let Some(signer) = signer {
-            let _ = log.signer.set(signer);
-        }
+        log.signed
+            .store(signed, std::sync::atomic::Ordering::Relaxed);
         let deps = Deps {
             log: Arc::clone(&log) as Arc<dyn MessageLog>,
             subscriptions: Arc::new(ConfirmedAtOnce {
