@@ -15,9 +15,9 @@
 //!   again, with the same id, once its room is joined on the new connection (the writer stores a
 //!   retried id once). An `unavailable` or `rate_limited` answer retries it after a backoff.
 //! - **One request at a time per room.** Joins go out one at a time (each answered by `joined`
-//!   or an error, in order), and a room is re-joined on the same connection only after its
-//!   `left`: a re-join with `since` while earlier messages are still in flight would get them
-//!   twice.
+//!   or an error, in order; after a reconnect, in the order the rooms were first joined), and a
+//!   room is re-joined on the same connection only after its `left`: a re-join with `since` while
+//!   earlier messages are still in flight would get them twice.
 //!
 //! The session never drops, reorders or de-duplicates frames: [`Event::Frame`] is exactly what
 //! the gateway sent, so tests and the chaos run can check the gateway's promise through it.
@@ -85,6 +85,9 @@ struct RoomState {
     joined: bool,
     /// A `leave` was sent on this connection and its answer has not arrived.
     leaving: bool,
+    /// When the room was first joined, relative to the others: rooms are re-joined in that
+    /// order after a reconnect.
+    order: u64,
 }
 
 #[derive(Debug)]
@@ -123,6 +126,8 @@ pub struct Session {
     pending: VecDeque<PendingSend>,
     /// Frames decided but not yet handed to the socket.
     outgoing: VecDeque<String>,
+    /// Rooms ever joined (gives each its `order`).
+    rooms_joined: u64,
     next_id: u64,
     id_prefix: String,
     rng: u64,
@@ -175,6 +180,7 @@ impl Session {
             leaves: VecDeque::new(),
             pending: VecDeque::new(),
             outgoing: VecDeque::new(),
+            rooms_joined: 0,
             next_id: 0,
             id_prefix: seed.simple().to_string()[..12].to_owned(),
             rng: (seed.as_u128() as u64) | 1,
@@ -202,7 +208,15 @@ impl Session {
     /// room has a position, every join resumes from it instead. Joining a room the session is in
     /// re-joins it (after a `leave`, so nothing in flight is received twice).
     pub fn join(&mut self, room: RoomId, since: Option<Seq>) {
-        let state = self.rooms.entry(room.clone()).or_default();
+        if !self.rooms.contains_key(&room) {
+            let state = RoomState {
+                order: self.rooms_joined,
+                ..RoomState::default()
+            };
+            self.rooms.insert(room.clone(), state);
+            self.rooms_joined += 1;
+        }
+        let state = self.rooms.get_mut(&room).expect("inserted above");
         state.wanted = true;
         if state.position.is_none() && since.is_some() {
             state.requested = since;
@@ -420,13 +434,18 @@ impl Session {
         self.joining = None;
         self.join_retry_at = None;
         self.join_queue.clear();
+        let mut wanted = Vec::new();
         for (room, state) in &mut self.rooms {
             state.joined = false;
             state.leaving = false;
             if state.wanted {
-                self.join_queue.push_back(room.clone());
+                wanted.push((state.order, room.clone()));
             }
         }
+        // In the order they were first joined.
+        wanted.sort();
+        self.join_queue
+            .extend(wanted.into_iter().map(|(_, room)| room));
         for send in &mut self.pending {
             send.sent = false;
             send.retry_at = None;

@@ -286,3 +286,46 @@ async fn a_close_that_says_do_not_reconnect_ends_the_session() {
         "{end:?}"
     );
 }
+
+#[tokio::test]
+async fn after_a_reconnect_rooms_are_joined_again_one_at_a_time_in_the_order_first_joined() {
+    let fake = FakeGateway::start().await;
+    let (zeta, alpha) = (
+        RoomId::parse("zeta").unwrap(),
+        RoomId::parse("alpha").unwrap(),
+    );
+    fake.post(&zeta, &["z1"]);
+    let mut session = session(&fake);
+    session.join(zeta.clone(), None);
+    session.join(alpha.clone(), None);
+    let both_joined = |session: &Session| session.is_joined(&zeta) && session.is_joined(&alpha);
+    while !both_joined(&session) {
+        next(&mut session).await;
+    }
+    fake.drop_all();
+    while !matches!(next(&mut session).await, Event::Connected { .. }) {}
+    // Only the first room's join goes out before its answer is read.
+    session.flush().await.unwrap();
+    fake.wait_received("the first re-join", |f| joins(f).len() == 3)
+        .await;
+    while !both_joined(&session) {
+        next(&mut session).await;
+    }
+    let rooms: Vec<(u64, String)> = fake
+        .received()
+        .into_iter()
+        .filter_map(|(conn, f)| match f {
+            ClientFrame::Join { room, .. } => Some((conn, room.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rooms,
+        [
+            (0, "zeta".to_owned()),
+            (0, "alpha".to_owned()),
+            (1, "zeta".to_owned()),
+            (1, "alpha".to_owned())
+        ]
+    );
+}
