@@ -1,6 +1,7 @@
 //! A fault layer in front of one gateway's SNS ingress: the gateway subscribes through it, and it
 //! duplicates, reorders (delays) and drops notifications with given probabilities, the way an
-//! at-least-once, unordered bus may behave. Deterministic for a given seed.
+//! at-least-once, unordered bus may behave. Deterministic for a given seed. It can also drop, every
+//! time, the notifications that carry chosen messages (e.g. the last of each burst in a room).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,13 +29,19 @@ pub struct FaultStats {
     pub duplicated: AtomicU64,
     pub reordered: AtomicU64,
     pub dropped: AtomicU64,
+    /// Dropped because they carried a message the drop rule names.
+    pub dropped_by_rule: AtomicU64,
 }
+
+/// Which messages (room, seq) the layer always drops.
+pub type DropRule = Box<dyn Fn(&str, u64) -> bool + Send + Sync>;
 
 #[derive(Clone)]
 struct Shared {
     plan: FaultPlan,
     rng: Arc<Mutex<u64>>,
     target: Arc<OnceLock<String>>,
+    rule: Arc<OnceLock<DropRule>>,
     stats: Arc<FaultStats>,
     http: reqwest::Client,
 }
@@ -58,6 +65,7 @@ impl FaultyIngress {
             plan,
             rng: Arc::new(Mutex::new(plan.seed.max(1))),
             target: Arc::default(),
+            rule: Arc::default(),
             stats: Arc::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -75,6 +83,12 @@ impl FaultyIngress {
     /// Where to forward: the gateway's own `/sns` URL.
     pub fn forward_to(&self, gateway_sns_url: String) {
         let _ = self.shared.target.set(gateway_sns_url);
+    }
+
+    /// From now on, drop every notification that carries a message `rule(room, seq)` names,
+    /// whatever the dice say (at most one rule; later calls are ignored).
+    pub fn always_drop(&self, rule: DropRule) {
+        let _ = self.shared.rule.set(rule);
     }
 
     pub fn stats(&self) -> &FaultStats {
@@ -132,15 +146,41 @@ impl Shared {
     }
 }
 
+/// Whether a notification carries a message the rule names.
+fn ruled_out(rule: &DropRule, notification: &serde_json::Value) -> bool {
+    let Some(payload) = notification["Message"]
+        .as_str()
+        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+    else {
+        return false;
+    };
+    payload["events"].as_array().is_some_and(|events| {
+        events
+            .iter()
+            .any(|e| match (e["room"].as_str(), e["seq"].as_u64()) {
+                (Some(room), Some(seq)) => rule(room, seq),
+                _ => false,
+            })
+    })
+}
+
 async fn ingress(State(shared): State<Shared>, body: Bytes) -> StatusCode {
-    let is_notification = serde_json::from_slice::<serde_json::Value>(&body)
+    let Some(notification) = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .is_some_and(|v| v["Type"] == "Notification");
-    if !is_notification {
+        .filter(|v| v["Type"] == "Notification")
+    else {
         return shared.forward(body).await;
-    }
+    };
     let stats = &shared.stats;
     stats.notifications.fetch_add(1, Ordering::Relaxed);
+    if shared
+        .rule
+        .get()
+        .is_some_and(|rule| ruled_out(rule, &notification))
+    {
+        stats.dropped_by_rule.fetch_add(1, Ordering::Relaxed);
+        return StatusCode::OK;
+    }
     let plan = shared.plan;
     let roll = shared.roll();
     let jitter = shared.roll();

@@ -5,16 +5,19 @@
 //! Readiness comes from the services themselves: each logs `… listening` with its address (read
 //! from its JSON log on stderr), and a gateway is used only once `/readyz` answers 200.
 
+pub mod balancer;
 pub mod faults;
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+use crate::balancer::Balancer;
 
 /// Where the workspace's binaries are: beside this executable, or beside the `deps/` folder a
 /// test executable lives in.
@@ -213,6 +216,20 @@ impl Service {
         }
     }
 
+    /// The service's `/metrics` exposition.
+    ///
+    /// # Errors
+    /// When it does not answer 200.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let res = reqwest::Client::new()
+            .get(format!("{}/metrics", self.http()))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(res.text().await?)
+    }
+
     /// The service's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -257,6 +274,38 @@ impl Drop for Service {
     }
 }
 
+/// The sum of every series of metric `name` in a Prometheus text exposition (`None` when there
+/// is none).
+pub fn metric_sum(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            // The exact name: labels or the value follow.
+            let value = match rest.chars().next()? {
+                '{' => rest.split_once('}')?.1,
+                ' ' => rest,
+                _ => return None,
+            };
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
+}
+
+/// How to build a [`Stack`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StackOptions {
+    /// Writers (at least one is started).
+    pub writers: usize,
+    /// Put the writers behind one [`Balancer`] that every gateway calls, as the internal load
+    /// balancer of a deployment; otherwise each gateway calls one writer (round robin).
+    pub balance_writers: bool,
+    /// Give the publisher a checkpoint file, kept across its restarts, if it supports
+    /// `--checkpoint-file` (see [`publisher_supports_checkpoint`]).
+    pub publisher_checkpoint: bool,
+}
+
 /// A table + topic of its own, writers, a publisher poller, and gateways.
 pub struct Stack {
     pub table: String,
@@ -264,7 +313,11 @@ pub struct Stack {
     pub writer: Service,
     /// Writers beyond the first; gateways are spread over all writers.
     pub more_writers: Vec<Service>,
+    /// In front of all writers, with [`StackOptions::balance_writers`].
+    pub writer_balancer: Option<Balancer>,
     pub publisher: Service,
+    /// The publisher's checkpoint file, with [`StackOptions::publisher_checkpoint`].
+    pub publisher_checkpoint: Option<PathBuf>,
     pub gateways: Vec<Service>,
 }
 
@@ -288,6 +341,22 @@ impl Stack {
     /// # Errors
     /// When any part does not start.
     pub async fn start_with(writers: usize, gateways: usize) -> anyhow::Result<Stack> {
+        let options = StackOptions {
+            writers,
+            ..StackOptions::default()
+        };
+        Self::start_with_options(options, gateways).await
+    }
+
+    /// Starts a stack as `options` say, with `gateways` gateways.
+    ///
+    /// # Errors
+    /// When any part does not start.
+    pub async fn start_with_options(
+        options: StackOptions,
+        gateways: usize,
+    ) -> anyhow::Result<Stack> {
+        let writers = options.writers.max(1);
         let aws = aws().await;
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let table = format!("e2e-{}", &suffix[..12]);
@@ -295,30 +364,33 @@ impl Stack {
         let topic_arn =
             chorus_publisher::sns::ensure_topic(&aws_sdk_sns::Client::new(&aws), &table).await?;
 
-        let writer = Service::start(
-            "writer",
-            "chorus-writer",
-            &["--listen", "127.0.0.1:0", "--table", &table],
-            &[],
-            "writer listening",
-        )?;
+        let writer = start_writer("writer", &table)?;
         let mut more_writers = Vec::new();
         for i in 1..writers {
-            more_writers.push(Service::start(
-                &format!("writer-{i}"),
-                "chorus-writer",
-                &["--listen", "127.0.0.1:0", "--table", &table],
-                &[],
-                "writer listening",
-            )?);
+            more_writers.push(start_writer(&format!("writer-{i}"), &table)?);
         }
-        let publisher = start_publisher(&table, &topic_arn)?;
+        let writer_balancer = if options.balance_writers {
+            let mut addrs = vec![writer.addr];
+            addrs.extend(more_writers.iter().map(|w| w.addr));
+            Some(Balancer::start(addrs).await?)
+        } else {
+            None
+        };
+        let publisher_checkpoint =
+            (options.publisher_checkpoint && publisher_supports_checkpoint()).then(|| {
+                bin_dir()
+                    .join("e2e-logs")
+                    .join(format!("{table}.checkpoint"))
+            });
+        let publisher = start_publisher(&table, &topic_arn, publisher_checkpoint.as_deref())?;
         let mut stack = Stack {
             table,
             topic_arn,
             writer,
             more_writers,
+            writer_balancer,
             publisher,
+            publisher_checkpoint,
             gateways: Vec::new(),
         };
         for _ in 0..gateways {
@@ -333,12 +405,11 @@ impl Stack {
     /// When it does not become ready within 30 s.
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
         let name = format!("gateway-{}", self.gateways.len());
-        let writer_index = self.gateways.len() % (1 + self.more_writers.len());
+        let writer_index = self.gateways.len() % self.writer_count();
         let endpoint = endpoint();
-        let writer_url = if writer_index == 0 {
-            self.writer.http()
-        } else {
-            self.more_writers[writer_index - 1].http()
+        let writer_url = match &self.writer_balancer {
+            Some(balancer) => balancer.url(),
+            None => self.writer_mut(writer_index).http(),
         };
         let mut args = vec![
             "--listen",
@@ -376,33 +447,114 @@ impl Stack {
 }
 
 impl Stack {
-    /// Stops the publisher (SIGTERM) and starts a fresh one, which reads the stream from its start.
+    /// Stops the publisher (SIGTERM) and starts a fresh one, which reads the stream from its
+    /// start, or from its checkpoint if it has one.
     ///
     /// # Errors
     /// When the old one does not stop or the new one does not start.
     pub fn restart_publisher(&mut self) -> anyhow::Result<()> {
         self.publisher.terminate(Duration::from_secs(10))?;
-        self.publisher = start_publisher(&self.table, &self.topic_arn)?;
+        self.start_new_publisher()
+    }
+
+    /// Kills the publisher (SIGKILL, as a crash) and starts a fresh one.
+    ///
+    /// # Errors
+    /// When the new one does not start.
+    pub fn crash_and_restart_publisher(&mut self) -> anyhow::Result<()> {
+        self.publisher.kill();
+        self.start_new_publisher()
+    }
+
+    fn start_new_publisher(&mut self) -> anyhow::Result<()> {
+        self.publisher = start_publisher(
+            &self.table,
+            &self.topic_arn,
+            self.publisher_checkpoint.as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// Writers started (the first is `writer`, then `more_writers`).
+    pub fn writer_count(&self) -> usize {
+        1 + self.more_writers.len()
+    }
+
+    fn writer_mut(&mut self, index: usize) -> &mut Service {
+        match index {
+            0 => &mut self.writer,
+            i => &mut self.more_writers[i - 1],
+        }
+    }
+
+    /// Kills writer `index` (SIGKILL, as a crash).
+    pub fn kill_writer(&mut self, index: usize) {
+        self.writer_mut(index).kill();
+    }
+
+    /// Starts a fresh writer in place of writer `index` (on a new port) and, with a balancer,
+    /// sends new connections to it.
+    ///
+    /// # Errors
+    /// When it does not start.
+    pub fn restart_writer(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = self.writer_mut(index).name.clone();
+        let writer = start_writer(&name, &self.table)?;
+        *self.writer_mut(index) = writer;
+        if let Some(balancer) = &self.writer_balancer {
+            let mut addrs = vec![self.writer.addr];
+            addrs.extend(self.more_writers.iter().map(|w| w.addr));
+            balancer.set_backends(addrs);
+        }
         Ok(())
     }
 }
 
-fn start_publisher(table: &str, topic_arn: &str) -> anyhow::Result<Service> {
+fn start_writer(name: &str, table: &str) -> anyhow::Result<Service> {
+    Service::start(
+        name,
+        "chorus-writer",
+        &["--listen", "127.0.0.1:0", "--table", table],
+        &[],
+        "writer listening",
+    )
+}
+
+/// Whether this build's `chorus-publisher poll` takes `--checkpoint-file` (from its `--help`).
+pub fn publisher_supports_checkpoint() -> bool {
+    Command::new(binary("chorus-publisher"))
+        .args(["poll", "--help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--checkpoint-file"))
+}
+
+fn start_publisher(
+    table: &str,
+    topic_arn: &str,
+    checkpoint: Option<&Path>,
+) -> anyhow::Result<Service> {
+    let mut args = vec![
+        "poll",
+        "--table",
+        table,
+        "--topic-arn",
+        topic_arn,
+        "--idle-ms",
+        "50",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let checkpoint = checkpoint.map(|p| p.to_string_lossy().into_owned());
+    if let Some(path) = &checkpoint {
+        args.extend(["--checkpoint-file", path]);
+    }
     // The poller's address is its metrics port.
     Service::start(
         "publisher",
         "chorus-publisher",
-        &[
-            "poll",
-            "--table",
-            table,
-            "--topic-arn",
-            topic_arn,
-            "--idle-ms",
-            "50",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
+        &args,
         &[],
         "metrics listening",
     )
