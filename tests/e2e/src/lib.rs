@@ -38,11 +38,18 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The emulator endpoint; the tests need one.
+/// The emulator endpoint; the tests need one. (DynamoDB may have its own,
+/// `AWS_ENDPOINT_URL_DYNAMODB`, which the SDK picks up by itself.)
 pub fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").expect(
         "AWS_ENDPOINT_URL is not set: the e2e tests need the AWS emulator; run ./scripts/test",
     )
+}
+
+/// The endpoint serving SNS, which also serves its signing certificates: the gateways'
+/// `--sns-cert-mirror`.
+pub fn sns_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL_SNS").unwrap_or_else(|_| endpoint())
 }
 
 /// A running service process. Killed on drop if still running.
@@ -334,7 +341,7 @@ impl Stack {
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
         let name = format!("gateway-{}", self.gateways.len());
         let writer_index = self.gateways.len() % (1 + self.more_writers.len());
-        let endpoint = endpoint();
+        let mirror = sns_endpoint();
         let writer_url = if writer_index == 0 {
             self.writer.http()
         } else {
@@ -350,7 +357,7 @@ impl Stack {
             "--gateway-id",
             &name,
             "--sns-cert-mirror",
-            &endpoint,
+            &mirror,
             "--insecure-dev-users",
             "--drain-timeout-ms",
             "5000",
