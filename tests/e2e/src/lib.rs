@@ -220,6 +220,18 @@ impl Service {
         }
     }
 
+    /// The value of one series of `/metrics` (`name{labels}` as exposed), if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The service's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -339,6 +351,20 @@ impl Stack {
     /// # Errors
     /// When it does not become ready within 30 s.
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
+        self.add_gateway_with(extra, |_| {}).await
+    }
+
+    /// [`Stack::add_gateway`], calling `listening` with the gateway as soon as it listens, before
+    /// waiting until it is ready: to point something in front of it (the chaos run's fault layer)
+    /// at it while SNS may already be posting its SubscriptionConfirmation.
+    ///
+    /// # Errors
+    /// When it does not become ready within 30 s.
+    pub async fn add_gateway_with(
+        &mut self,
+        extra: &[&str],
+        listening: impl FnOnce(&Service),
+    ) -> anyhow::Result<usize> {
         let name = format!("gateway-{}", self.gateways.len());
         let writer_index = self.gateways.len() % (1 + self.more_writers.len());
         let mirror = sns_endpoint();
@@ -376,6 +402,7 @@ impl Stack {
         ];
         args.extend_from_slice(extra);
         let gateway = Service::start(&name, "chorus-gateway", &args, &[], "gateway listening")?;
+        listening(&gateway);
         wait_ready(&format!("{}/readyz", gateway.http())).await?;
         self.gateways.push(gateway);
         Ok(self.gateways.len() - 1)

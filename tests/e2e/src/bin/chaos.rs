@@ -107,11 +107,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let mut stack = Stack::start_with(2, 0).await?;
     let faults = FaultyIngress::start(plan).await?;
+    // The fault layer forwards to the gateway as soon as it listens: SNS may post the
+    // subscription's confirmation through it before the gateway is ready.
     stack
-        .add_gateway(&["--public-url", &faults.url])
+        .add_gateway_with(&["--public-url", &faults.url], |gateway| {
+            faults.forward_to(format!("{}/sns", gateway.http()))
+        })
         .await
         .context("faulty gateway")?;
-    faults.forward_to(format!("{}/sns", stack.gateways[0].http()));
     stack.add_gateway(&[]).await?;
     stack.add_gateway(&[]).await?;
     let ws = |s: &chorus_e2e::Service| format!("ws://{}/ws", s.addr);
