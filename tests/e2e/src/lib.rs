@@ -41,11 +41,18 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The emulator endpoint; the tests need one.
+/// The emulator endpoint; the tests need one. (DynamoDB may have its own,
+/// `AWS_ENDPOINT_URL_DYNAMODB`, which the SDK picks up by itself.)
 pub fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").expect(
         "AWS_ENDPOINT_URL is not set: the e2e tests need the AWS emulator; run ./scripts/test",
     )
+}
+
+/// The endpoint serving SNS, which also serves its signing certificates: the gateways'
+/// `--sns-cert-mirror`.
+pub fn sns_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL_SNS").unwrap_or_else(|_| endpoint())
 }
 
 /// A running service process. Killed on drop if still running.
@@ -230,6 +237,18 @@ impl Service {
         Ok(res.text().await?)
     }
 
+    /// The value of one series of `/metrics` (`name{labels}` as exposed), if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The service's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -404,9 +423,23 @@ impl Stack {
     /// # Errors
     /// When it does not become ready within 30 s.
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
+        self.add_gateway_with(extra, |_| {}).await
+    }
+
+    /// [`Stack::add_gateway`], calling `listening` with the gateway as soon as it listens, before
+    /// waiting until it is ready: to point something in front of it (the chaos run's fault layer)
+    /// at it while SNS may already be posting its SubscriptionConfirmation.
+    ///
+    /// # Errors
+    /// When it does not become ready within 30 s.
+    pub async fn add_gateway_with(
+        &mut self,
+        extra: &[&str],
+        listening: impl FnOnce(&Service),
+    ) -> anyhow::Result<usize> {
         let name = format!("gateway-{}", self.gateways.len());
         let writer_index = self.gateways.len() % self.writer_count();
-        let endpoint = endpoint();
+        let mirror = sns_endpoint();
         let writer_url = match &self.writer_balancer {
             Some(balancer) => balancer.url(),
             None => self.writer_mut(writer_index).http(),
@@ -421,7 +454,7 @@ impl Stack {
             "--gateway-id",
             &name,
             "--sns-cert-mirror",
-            &endpoint,
+            &mirror,
             "--insecure-dev-users",
             "--drain-timeout-ms",
             "5000",
@@ -440,6 +473,7 @@ impl Stack {
         ];
         args.extend_from_slice(extra);
         let gateway = Service::start(&name, "chorus-gateway", &args, &[], "gateway listening")?;
+        listening(&gateway);
         wait_ready(&format!("{}/readyz", gateway.http())).await?;
         self.gateways.push(gateway);
         Ok(self.gateways.len() - 1)

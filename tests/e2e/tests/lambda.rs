@@ -64,17 +64,34 @@ async fn respond(
     StatusCode::ACCEPTED
 }
 
-/// An HTTP subscriber of the topic that records notification bodies.
-async fn sns_sink() -> (String, mpsc::UnboundedReceiver<String>) {
+/// An HTTP subscriber of `topic_arn` that records notification bodies, subscribed and confirmed
+/// (emulators that send a SubscriptionConfirmation, like LocalStack, get it confirmed with its
+/// token; moto confirms at once).
+async fn sns_sink(sns: &aws_sdk_sns::Client, topic_arn: &str) -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let confirming = (sns.clone(), topic_arn.to_owned());
     let app = Router::new().route(
         "/sns",
         post(move |body: Bytes| {
-            let tx = tx.clone();
+            let (tx, (sns, topic_arn)) = (tx.clone(), confirming.clone());
             async move {
                 let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                if envelope["Type"] == "Notification" {
-                    let _ = tx.send(envelope["Message"].as_str().unwrap().to_owned());
+                match envelope["Type"].as_str() {
+                    Some("Notification") => {
+                        let _ = tx.send(envelope["Message"].as_str().unwrap().to_owned());
+                    }
+                    Some("SubscriptionConfirmation") => {
+                        let token = envelope["Token"].as_str().unwrap().to_owned();
+                        tokio::spawn(async move {
+                            sns.confirm_subscription()
+                                .topic_arn(topic_arn)
+                                .token(token)
+                                .send()
+                                .await
+                                .expect("ConfirmSubscription");
+                        });
+                    }
+                    _ => {}
                 }
                 StatusCode::OK
             }
@@ -83,7 +100,36 @@ async fn sns_sink() -> (String, mpsc::UnboundedReceiver<String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/sns", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, rx)
+    let subscription = sns
+        .subscribe()
+        .topic_arn(topic_arn)
+        .protocol("http")
+        .endpoint(&url)
+        .return_subscription_arn(true)
+        .send()
+        .await
+        .unwrap()
+        .subscription_arn
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let attributes = sns
+            .get_subscription_attributes()
+            .subscription_arn(&subscription)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap_or_default();
+        if attributes.get("PendingConfirmation").map(String::as_str) != Some("true") {
+            return rx;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sink's subscription was not confirmed within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Writes three messages through the real store and returns the stream records as a Lambda event.
@@ -209,14 +255,7 @@ async fn the_lambda_binary_publishes_a_real_stream_batch_and_reports_success() {
     let topic_arn = chorus_publisher::sns::ensure_topic(&sns, &name)
         .await
         .unwrap();
-    let (sink, mut published) = sns_sink().await;
-    sns.subscribe()
-        .topic_arn(&topic_arn)
-        .protocol("http")
-        .endpoint(&sink)
-        .send()
-        .await
-        .unwrap();
+    let mut published = sns_sink(&sns, &topic_arn).await;
 
     let (path, body) = invoke(&event, &topic_arn).await;
     assert_eq!(path, "req-1/response");

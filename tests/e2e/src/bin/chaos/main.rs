@@ -393,8 +393,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     faults.always_drop(Box::new(move |room, seq| room == QUIET && seq % burst == 0));
     let mut flags = gateway_flags.to_vec();
     flags.extend(["--public-url", &faults.url]);
-    stack.add_gateway(&flags).await.context("faulty gateway")?;
-    faults.forward_to(format!("{}/sns", stack.gateways[0].http()));
+    // The fault layer forwards to the gateway as soon as it listens: SNS may post the
+    // subscription's confirmation through it before the gateway is ready.
+    stack
+        .add_gateway_with(&flags, |gateway| {
+            faults.forward_to(format!("{}/sns", gateway.http()));
+        })
+        .await
+        .context("faulty gateway")?;
     stack.add_gateway(&gateway_flags).await?;
     stack.add_gateway(&gateway_flags).await?;
     let ws = |s: &chorus_e2e::Service| format!("ws://{}/ws", s.addr);
