@@ -612,7 +612,17 @@ export class ChorusClient {
       });
       return;
     }
-    if (code === CloseCode.TOKEN_EXPIRED) this.#tokenStale = true;
+    if (code === CloseCode.TOKEN_EXPIRED) {
+      if (!this.#getToken) {
+        this.#tokenStale = true;
+        this.#stop(
+          new ChorusError("token_expired", "the token expired (4003) and no getToken option gives a fresh one", { closeCode: code }),
+          { code, reason },
+        );
+        return;
+      }
+      this.#tokenStale = true;
+    }
     this.#retryLater(code, reason);
   }
 

@@ -426,8 +426,14 @@ export class ChorusClient {
             });
             return;
         }
-        if (code === CloseCode.TOKEN_EXPIRED)
+        if (code === CloseCode.TOKEN_EXPIRED) {
+            if (!this.#getToken) {
+                this.#tokenStale = true;
+                this.#stop(new ChorusError("token_expired", "the token expired (4003) and no getToken option gives a fresh one", { closeCode: code }), { code, reason });
+                return;
+            }
             this.#tokenStale = true;
+        }
         this.#retryLater(code, reason);
     }
     /** Schedules the next connection attempt after the backoff. */
