@@ -28,10 +28,16 @@ const READ_BUFFER_BYTES: usize = 2 * 1024;
 /// Per-connection write buffer before a flush.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
+/// The chat page's template (its script imports [`CLIENT_LIBRARY`] from `/chorus.js`).
+const PAGE: &str = include_str!("../static/index.html");
+/// Where the gateway's id and fallback URLs go in [`PAGE`].
+const SLOT: &str = r#"/*CHORUS_CONFIG*/{"gateway":"?","fallbacks":[]}/*END*/"#;
+/// The TypeScript client library (clients/typescript) compiled to one ES module; committed so
+/// that cargo needs no Node.js, and checked against its source by `scripts/client-test`.
+const CLIENT_LIBRARY: &str = include_str!("../static/chorus.js");
+
 /// The chat page, with this gateway's id and fallback URLs filled in.
 pub(crate) fn chat_page(gateway_id: &str, fallbacks: &[String]) -> String {
-    const PAGE: &str = include_str!("../static/index.html");
-    const SLOT: &str = r#"/*CHORUS_CONFIG*/{"gateway":"?","fallbacks":[]}/*END*/"#;
     // JSON inside a <script>: escape '<' so no value can close the element.
     let config = serde_json::json!({"gateway": gateway_id, "fallbacks": fallbacks})
         .to_string()
@@ -46,7 +52,7 @@ async fn page(State(state): State<AppState>) -> Response {
             (header::CACHE_CONTROL, "no-store"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; \
                  connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'",
             ),
         ],
@@ -55,9 +61,21 @@ async fn page(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+async fn client_library() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CLIENT_LIBRARY,
+    )
+        .into_response()
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(page))
+        .route("/chorus.js", get(client_library))
         .route("/ws", get(websocket))
         .route(
             "/sns",
@@ -265,5 +283,19 @@ async fn sns(State(state): State<AppState>, body: axum::body::Body) -> Response 
             state.metrics.rejected_malformed.inc();
             reject(StatusCode::BAD_REQUEST, "unknown SNS message type")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_gets_its_config_and_loads_the_library_from_this_origin() {
+        let page = chat_page("gw-1", &["ws://b/ws".to_owned()]);
+        assert!(!page.contains(SLOT), "the config slot was filled");
+        assert!(page.contains(r#"const CONFIG = {"fallbacks":["ws://b/ws"],"gateway":"gw-1"};"#));
+        assert!(page.contains(r#"import { ChorusClient } from "/chorus.js";"#));
+        assert!(CLIENT_LIBRARY.contains("export class ChorusClient"));
     }
 }
