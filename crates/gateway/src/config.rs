@@ -42,13 +42,16 @@ pub struct Config {
         default_value = "127.0.0.1:8081"
     )]
     pub listen: SocketAddr,
-    /// Base URL of the writer API.
+    /// Base URL of the writer API; several (repeated or comma-separated) spread rooms over
+    /// writers by rendezvous hashing, each room falling back to its next writer on failure.
     #[arg(
-        long,
+        long = "writer-url",
         env = "CHORUS_WRITER_URL",
+        value_delimiter = ',',
+        num_args = 1..,
         default_value = "http://127.0.0.1:8080"
     )]
-    pub writer_url: String,
+    pub writer_urls: Vec<String>,
     /// SNS topic to subscribe to; only its notifications are accepted.
     #[arg(long, env = "CHORUS_TOPIC_ARN")]
     pub topic_arn: String,
@@ -330,7 +333,7 @@ impl Config {
         use clap::Parser as _;
         let mut config = Cli::parse_from(["chorus-gateway", "--topic-arn", "unset"]).config;
         config.topic_arn = topic_arn.into();
-        config.writer_url = writer_url.into();
+        config.writer_urls = vec![writer_url.into()];
         config
     }
 
@@ -358,11 +361,12 @@ impl Config {
                 "--public-url must be an http(s) URL, got {url:?}"
             )));
         }
-        if !(self.writer_url.starts_with("http://") || self.writer_url.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!(
-                "--writer-url must be an http(s) URL, got {:?}",
-                self.writer_url
-            )));
+        for url in &self.writer_urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "--writer-url must be an http(s) URL, got {url:?}"
+                )));
+            }
         }
         for (flag, value) in [
             ("--send-queue", self.send_queue),
@@ -454,6 +458,25 @@ mod tests {
             cli.config.sns_endpoint("127.0.0.1:9000".parse().unwrap()),
             "http://127.0.0.1:9000/sns"
         );
+    }
+
+    #[test]
+    fn several_writer_urls_are_taken_comma_separated_or_repeated_and_each_is_checked() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["chorus-gateway", "--topic-arn", "arn:t"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().config
+        };
+        assert_eq!(parse(&[]).writer_urls, ["http://127.0.0.1:8080"]);
+        let comma = parse(&["--writer-url", "http://a:1,http://b:2"]);
+        let repeated = parse(&["--writer-url", "http://a:1", "--writer-url", "http://b:2"]);
+        assert_eq!(comma.writer_urls, ["http://a:1", "http://b:2"]);
+        assert_eq!(repeated.writer_urls, comma.writer_urls);
+        comma.validate().unwrap();
+        let err = parse(&["--writer-url", "http://a:1,b:2"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--writer-url"), "{err}");
     }
 
     #[test]

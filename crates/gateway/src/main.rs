@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let deps = Deps {
         log: Arc::new(
             WriterClient::new(
-                &config.writer_url,
+                &config.writer_urls,
                 Duration::from_millis(config.writer_timeout_ms),
             )
             .context("building the writer client")?,

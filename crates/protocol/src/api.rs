@@ -52,3 +52,7 @@ pub struct ApiErrorDetail {
     /// Human-readable explanation. Never contains internal details.
     pub message: String,
 }
+
+/// Error code of a history read (`410 Gone`) whose messages right after `after` are no longer
+/// stored: expired by the writer's retention. The message names the oldest seq still stored.
+pub const HISTORY_EXPIRED: &str = "history_expired";

@@ -15,4 +15,4 @@ pub mod message;
 pub use bus::BusPayload;
 pub use frames::{ClientFrame, ErrorCode, ServerFrame};
 pub use ids::{Body, ClientMsgId, InvalidValue, RoomId, Seq, UserId};
-pub use message::{MessageEvent, StoredMessage};
+pub use message::{MessageEvent, StoredBatch, StoredEntry};

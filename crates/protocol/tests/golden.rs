@@ -3,7 +3,7 @@
 //! README's protocol section with it.
 
 use chorus_protocol::api::{ApiError, HistoryPage, SendRequest, SendResponse};
-use chorus_protocol::{BusPayload, ClientFrame, ServerFrame, StoredMessage};
+use chorus_protocol::{BusPayload, ClientFrame, ServerFrame, StoredBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -44,7 +44,7 @@ golden!(api_send_response, SendResponse, "api_send_response.json");
 golden!(api_history_page, HistoryPage, "api_history_page.json");
 golden!(api_error, ApiError, "api_error.json");
 golden!(bus_payload, BusPayload, "bus_payload.json");
-golden!(stored_message, StoredMessage, "stored_message.json");
+golden!(stored_batch, StoredBatch, "stored_batch.json");
 
 #[test]
 fn client_frames_parse_through_the_validating_entry_point() {

@@ -5,9 +5,10 @@
 //! production) and [`poller`] (locally and on non-Lambda installs) both call it.
 //!
 //! Per batch: records are taken in stream order; only inserts of message items are forwarded
-//! (bookkeeping items, MODIFY and REMOVE are skipped and counted); forwarded events are packed
-//! into as few SNS messages as fit ([`pack`]), keeping stream order, so per-room seq order holds
-//! within and across messages; the messages go out in PublishBatch calls of up to 10 entries and
+//! (room markers, MODIFY and REMOVE are skipped and counted). One item holds a run of a room's
+//! messages: it is unpacked into its events in seq order. Forwarded events are packed into as few
+//! SNS messages as fit ([`pack`]), keeping stream order, so per-room seq order holds within and
+//! across messages; the messages go out in PublishBatch calls of up to 10 entries and
 //! 256 KiB, one call after another. On the first failed entry the handler stops and reports the
 //! first record of that entry's pack in `batchItemFailures`: DynamoDB streams checkpoint at the
 //! lowest reported failure, so everything before it is done and everything from it is retried.
@@ -23,8 +24,8 @@ pub mod sns;
 
 use aws_lambda_events::dynamodb::{Event, EventRecord};
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use chorus_protocol::message::is_bookkeeping_key;
-use chorus_protocol::{MessageEvent, StoredMessage};
+use chorus_protocol::message::MARKER_SEQ;
+use chorus_protocol::{MessageEvent, StoredBatch};
 
 pub use crate::dead_letter::{DeadLetter, SqsDeadLetter};
 use crate::pack::{MAX_SNS_MESSAGE_BYTES, Pack, pack_events};
@@ -58,11 +59,11 @@ pub struct PublishError {
 pub struct BatchOutcome {
     /// Records in the batch.
     pub records: usize,
-    /// Message inserts forwarded (published) in this batch.
+    /// Messages forwarded (published) in this batch (one record may hold many).
     pub forwarded: usize,
-    /// Records that are not message inserts (bookkeeping, MODIFY, REMOVE).
+    /// Records that are not message inserts (room markers, MODIFY, REMOVE).
     pub skipped: usize,
-    /// Records that can never be published (undecodable image, over-size).
+    /// Records that can never be published (undecodable or inconsistent image, over-size).
     pub poison: usize,
     /// Of those, how many went to the dead-letter queue (the rest were logged and dropped).
     pub dead_lettered: usize,
@@ -95,12 +96,15 @@ pub async fn handle_with_outcome(
         records: event.records.len(),
         ..BatchOutcome::default()
     };
-    // (index of the record in the batch, its event), in stream order; and the poison records.
+    // (index of the record in the batch, its event), in stream order and, within a record, in
+    // seq order; and the poison records.
     let mut forward: Vec<(usize, MessageEvent)> = Vec::new();
     let mut poison: Vec<(usize, String)> = Vec::new();
     for (index, record) in event.records.iter().enumerate() {
         match classify(record) {
-            Classified::Message(message) => forward.push((index, *message)),
+            Classified::Messages(messages) => {
+                forward.extend(messages.into_iter().map(|m| (index, m)));
+            }
             Classified::Skip => outcome.skipped += 1,
             Classified::Poison(reason) => poison.push((index, reason)),
         }
@@ -202,9 +206,9 @@ fn calls_worth(packs: &[Pack]) -> usize {
 /// What a stream record is to the publisher.
 #[derive(Debug)]
 pub enum Classified {
-    /// An insert of a message item: forward it.
-    Message(Box<MessageEvent>),
-    /// Bookkeeping, MODIFY or REMOVE: skip it.
+    /// An insert of a message item: forward its messages, in seq order.
+    Messages(Vec<MessageEvent>),
+    /// A room marker, MODIFY or REMOVE: skip it.
     Skip,
     /// Can never be published (the reason says why): dead-letter it.
     Poison(String),
@@ -215,26 +219,36 @@ pub fn classify(record: &EventRecord) -> Classified {
     if record.event_name != "INSERT" {
         return Classified::Skip;
     }
-    let room_key = match record.change.keys.get("room") {
-        Some(serde_dynamo::AttributeValue::S(room)) => room.as_str(),
-        _ => return Classified::Poison("record keys have no string `room`".into()),
-    };
-    if is_bookkeeping_key(room_key) {
+    if !matches!(
+        record.change.keys.get("room"),
+        Some(serde_dynamo::AttributeValue::S(_))
+    ) {
+        return Classified::Poison("record keys have no string `room`".into());
+    }
+    let marker = MARKER_SEQ.to_string();
+    if matches!(record.change.keys.get("seq"), Some(serde_dynamo::AttributeValue::N(seq)) if *seq == marker)
+    {
         return Classified::Skip;
     }
-    let event: MessageEvent =
-        match serde_dynamo::from_item::<_, StoredMessage>(record.change.new_image.clone()) {
-            Ok(stored) => stored.into(),
-            Err(e) => return Classified::Poison(format!("new image is not a message: {e}")),
-        };
-    // Bodies are capped far below this, but an item written around the writer could exceed it.
-    let alone = pack::payload_bytes(std::slice::from_ref(&event));
-    if alone > MAX_SNS_MESSAGE_BYTES {
-        return Classified::Poison(format!(
-            "message is {alone} bytes serialized, over the SNS limit of {MAX_SNS_MESSAGE_BYTES}"
-        ));
+    let item = match serde_dynamo::from_item::<_, StoredBatch>(record.change.new_image.clone()) {
+        Ok(item) => item,
+        Err(e) => return Classified::Poison(format!("new image is not a message item: {e}")),
+    };
+    if let Err(e) = item.check() {
+        return Classified::Poison(format!("new image is not a whole message item: {e}"));
     }
-    Classified::Message(Box::new(event))
+    let events: Vec<MessageEvent> = item.into_events().collect();
+    // Bodies are capped far below this, but an item written around the writer could exceed it.
+    for event in &events {
+        let alone = pack::payload_bytes(std::slice::from_ref(event));
+        if alone > MAX_SNS_MESSAGE_BYTES {
+            return Classified::Poison(format!(
+                "message {} is {alone} bytes serialized, over the SNS limit of {MAX_SNS_MESSAGE_BYTES}",
+                event.seq
+            ));
+        }
+    }
+    Classified::Messages(events)
 }
 
 #[cfg(test)]

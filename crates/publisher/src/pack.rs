@@ -13,7 +13,10 @@ pub const MAX_SNS_MESSAGE_BYTES: usize = 256 * 1024;
 pub struct Pack {
     /// Serialized [`BusPayload`], at most [`MAX_SNS_MESSAGE_BYTES`].
     pub payload: String,
-    /// Batch index of the first record in this pack (where to resume if its publish fails).
+    /// Batch index of the first record in this pack (where to resume if its publish fails). The
+    /// events of one record (an item holds many messages) may be split over two packs: if the
+    /// second fails, the record is resumed whole and its first part published again, which
+    /// gateways drop as duplicates.
     pub first_index: usize,
     /// Number of events in the pack.
     pub len: usize,
@@ -138,6 +141,18 @@ mod tests {
         let exact = pack_events(&events)[0].payload.len();
         assert_eq!(pack_events_within(&events, exact).len(), 1);
         assert_eq!(pack_events_within(&events, exact - 1).len(), 2);
+    }
+
+    #[test]
+    fn a_record_split_over_two_packs_is_resumed_from_that_record() {
+        // Record 0 holds 20 messages of 16 KiB: more than one SNS message can carry.
+        let events: Vec<_> = (0..20)
+            .map(|i| (0, event("lobby", i + 1, 16 * 1024)))
+            .collect();
+        let packs = pack_events(&events);
+        assert_eq!(packs.len(), 2);
+        assert_eq!((packs[0].first_index, packs[1].first_index), (0, 0));
+        assert_eq!(packs[0].len + packs[1].len, 20);
     }
 
     #[test]

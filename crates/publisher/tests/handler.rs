@@ -1,9 +1,10 @@
 //! The publisher's handler on a Lambda-format DynamoDB stream batch (fixtures/stream_batch.json):
 //! what reaches SNS and the dead-letter queue, and what the response tells Lambda.
 //!
-//! The fixture, by sequence number: 101 message lobby#1, 102 head insert, 103 idempotency insert,
-//! 104 message news#1, 105 head MODIFY, 106 message lobby#2, 107 REMOVE, 108 poison (a message key
-//! without a body), 109 message lobby#4.
+//! The fixture, by sequence number: 101 item lobby#1–2, 102 marker insert (lobby), 103 item
+//! news#1, 104 marker MODIFY (news), 105 item lobby#3–5, 106 REMOVE (an expired item deleted),
+//! 107 poison (an item whose range does not match its messages), 108 poison (an item of the old
+//! one-message format), 109 item lobby#6.
 
 use std::sync::Mutex;
 
@@ -87,9 +88,12 @@ async fn forwards_message_inserts_only_in_stream_order_in_one_packed_message() {
         delivered(&sns),
         [
             ("lobby".into(), 1, "Hello world".into()),
-            ("news".into(), 1, "Extra!".into()),
             ("lobby".into(), 2, "Hi John".into()),
-            ("lobby".into(), 4, "after the poison".into()),
+            ("news".into(), 1, "Extra!".into()),
+            ("lobby".into(), 3, "three".into()),
+            ("lobby".into(), 4, "four".into()),
+            ("lobby".into(), 5, "five".into()),
+            ("lobby".into(), 6, "after the poison".into()),
         ]
     );
     assert_eq!(
@@ -98,20 +102,25 @@ async fn forwards_message_inserts_only_in_stream_order_in_one_packed_message() {
         "one SNS call for the batch"
     );
     assert_eq!(outcome.records, 9);
-    assert_eq!(outcome.forwarded, 4);
-    assert_eq!(
-        outcome.skipped, 4,
-        "head insert, idempotency insert, MODIFY, REMOVE"
-    );
-    assert_eq!((outcome.poison, outcome.dead_lettered), (1, 1));
+    assert_eq!(outcome.forwarded, 7, "messages, from 4 items");
+    assert_eq!(outcome.skipped, 3, "marker insert, marker MODIFY, REMOVE");
+    assert_eq!((outcome.poison, outcome.dead_lettered), (2, 2));
     assert_eq!((outcome.sns_messages, outcome.sns_calls), (1, 1));
     let letters = queue.letters.lock().unwrap();
-    assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].0, "108");
+    assert_eq!(letters.len(), 2);
+    assert_eq!(
+        (letters[0].0.as_str(), letters[1].0.as_str()),
+        ("107", "108")
+    );
     assert!(
-        letters[0].1.contains("body"),
+        letters[0].1.contains("ends at 9"),
         "the reason names the problem: {}",
         letters[0].1
+    );
+    assert!(
+        letters[1].1.contains("not a message item"),
+        "{}",
+        letters[1].1
     );
 }
 
@@ -141,7 +150,7 @@ async fn an_unreachable_dead_letter_queue_stops_the_batch_at_the_poison_record()
         ..FakeQueue::default()
     };
     let response = handle(&batch(), &sns, Some(&queue)).await;
-    assert_eq!(failures(&response), [Some("108".to_owned())]);
+    assert_eq!(failures(&response), [Some("107".to_owned())]);
 }
 
 #[tokio::test]
@@ -149,8 +158,8 @@ async fn without_a_dead_letter_queue_poison_is_skipped_and_the_batch_succeeds() 
     let sns = FakeSns::default();
     let (response, outcome) = handle_with_outcome(&batch(), &sns, None).await;
     assert!(response.batch_item_failures.is_empty());
-    assert_eq!((outcome.poison, outcome.dead_lettered), (1, 0));
-    assert_eq!(delivered(&sns).len(), 4);
+    assert_eq!((outcome.poison, outcome.dead_lettered), (2, 0));
+    assert_eq!(delivered(&sns).len(), 7);
 }
 
 #[tokio::test]

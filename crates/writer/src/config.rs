@@ -1,8 +1,11 @@
 //! The writer's configuration, parsed once from flags and `CHORUS_*` environment variables.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use chorus_service::LogArgs;
+
+use crate::store::Settings;
 
 /// `chorus-writer [serve] …` or `chorus-writer create-table …`.
 #[derive(Debug, clap::Parser)]
@@ -22,7 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the API (the default).
     Serve,
-    /// Create the messages table (stream NEW_IMAGE) if it does not exist, and print its stream ARN.
+    /// Create the messages table (stream NEW_IMAGE, TTL on `ttl`) if it does not exist, and print
+    /// its stream ARN.
     CreateTable,
 }
 
@@ -47,16 +51,119 @@ pub struct Config {
         default_value = "chorus-messages"
     )]
     pub table: String,
+    /// How long messages are kept (`90m`, `72h`, `3d` …; at least 1 hour): each item's `ttl`.
+    /// Older history answers 410 `history_expired`.
+    #[arg(long, global = true, env = "CHORUS_RETENTION", default_value = "3d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// A retried send is recognized (and answered with its original seq) if the original was
+    /// stored less than this long ago …
+    #[arg(long, global = true, env = "CHORUS_DEDUPE_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub dedupe_window: Duration,
+    /// … or is among the room's last this many messages.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_DEDUPE_WINDOW_MESSAGES",
+        default_value_t = 10_000
+    )]
+    pub dedupe_window_messages: usize,
+    /// Most (sender, id) entries kept in memory over all rooms (about 150 bytes each); idle rooms
+    /// are dropped first and read back from the table when used again.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_DEDUPE_MEMORY_ENTRIES",
+        default_value_t = 1_000_000
+    )]
+    pub dedupe_memory_entries: usize,
+    /// Use the replaced one-transaction-per-send store (for `scripts/bench writer` only).
+    #[arg(long, global = true, hide = true)]
+    pub legacy_store: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
 
+impl Config {
+    /// The store settings, checked.
+    ///
+    /// # Errors
+    /// A sentence naming the setting that does not make sense.
+    pub fn settings(&self) -> Result<Settings, String> {
+        let settings = Settings {
+            retention: self.retention,
+            dedupe_window: self.dedupe_window,
+            dedupe_window_messages: self.dedupe_window_messages,
+            dedupe_memory_entries: self.dedupe_memory_entries,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+/// `90s`, `10m`, `72h`, `3d` (a whole number and a unit).
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{raw:?} has no unit: write e.g. 90s, 10m, 72h or 3d"))?;
+    let (number, unit) = raw.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} does not start with a whole number"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{raw:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::*;
 
     #[test]
     fn the_command_line_is_well_formed() {
-        super::Cli::command().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_keep_three_days_and_ten_minutes_or_ten_thousand_messages() {
+        let settings = Cli::parse_from(["chorus-writer"])
+            .config
+            .settings()
+            .unwrap();
+        assert_eq!(settings.retention, Duration::from_secs(3 * 86_400));
+        assert_eq!(settings.dedupe_window, Duration::from_secs(600));
+        assert_eq!(settings.dedupe_window_messages, 10_000);
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_settings_that_break_promises_are_refused() {
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("90").unwrap_err().contains("no unit"));
+        assert!(parse_duration("3w").unwrap_err().contains("unit"));
+        let short = Cli::parse_from(["chorus-writer", "--retention", "30m"]).config;
+        assert!(short.settings().unwrap_err().contains("at least 1 hour"));
+        let window = Cli::parse_from([
+            "chorus-writer",
+            "--retention",
+            "1h",
+            "--dedupe-window",
+            "20m",
+        ])
+        .config;
+        assert!(window.settings().unwrap_err().contains("4 times"));
+        let memory = Cli::parse_from(["chorus-writer", "--dedupe-memory-entries", "10"]).config;
+        assert!(
+            memory
+                .settings()
+                .unwrap_err()
+                .contains("at least the dedupe window")
+        );
     }
 }

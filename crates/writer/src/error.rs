@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use chorus_protocol::api::{ApiError as ApiErrorBody, ApiErrorDetail};
+use chorus_protocol::api::{ApiError as ApiErrorBody, ApiErrorDetail, HISTORY_EXPIRED};
 
 use crate::store::StoreError;
 
@@ -42,6 +42,9 @@ impl IntoResponse for ApiError {
                 "not_found",
                 "no such endpoint".to_owned(),
             ),
+            ApiError::Store(expired @ StoreError::HistoryExpired { .. }) => {
+                (StatusCode::GONE, HISTORY_EXPIRED, expired.to_string())
+            }
             ApiError::Store(StoreError::Contention { .. }) => {
                 tracing::warn!(error.message = %self, "send gave up under contention");
                 (

@@ -1,5 +1,6 @@
 //! The writer: the only box that talks to DynamoDB. It gives each room a dense, gap-free sequence
-//! (1, 2, 3 …), stores sends idempotently, and serves history pages to gateways.
+//! (1, 2, 3 …), commits each room's concurrent sends together (one conditional write per batch),
+//! recognizes retries within its dedupe window, and serves history pages to gateways.
 
 pub mod config;
 mod error;
@@ -47,9 +48,10 @@ pub async fn run_with_metrics_listener(
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(metrics_listener) = metrics_listener {
         let metrics = Arc::clone(&state.metrics);
+        let store = Arc::clone(&state.store);
         tokio::spawn(chorus_service::metrics::serve(
             metrics_listener,
-            Arc::new(move || routes::render_metrics_text(&metrics)),
+            Arc::new(move || routes::render_metrics_text(&metrics, &*store)),
             stop_metrics.clone().cancelled_owned(),
         ));
     }

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use chorus_writer::config::{Cli, Command};
-use chorus_writer::store::{DynamoStore, ensure_table};
+use chorus_writer::store::{DynamoStore, DynamoTable, LegacyStore, MessageStore, ensure_table};
 use clap::Parser as _;
 
 #[tokio::main]
@@ -10,6 +10,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config;
     chorus_service::init_tracing(&config.log)?;
+    let settings = config.settings().map_err(anyhow::Error::msg)?;
     let aws = chorus_service::load_aws_config().await;
     let client = aws_sdk_dynamodb::Client::new(&aws);
 
@@ -24,11 +25,19 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
-            let store = DynamoStore::new(client, &config.table);
-            store
-                .check()
-                .await
-                .with_context(|| format!("table {} is not usable", config.table))?;
+            let store: Arc<dyn MessageStore> = if config.legacy_store {
+                tracing::warn!(
+                    "serving with the replaced one-transaction-per-send store (benchmarks only)"
+                );
+                Arc::new(LegacyStore::new(client, &config.table))
+            } else {
+                let table = DynamoTable::new(client, &config.table);
+                table
+                    .check()
+                    .await
+                    .with_context(|| format!("table {} is not usable", config.table))?;
+                Arc::new(DynamoStore::new(table, settings))
+            };
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
@@ -42,15 +51,10 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            chorus_writer::run_with_metrics_listener(
-                listener,
-                metrics_listener,
-                Arc::new(store),
-                async {
-                    chorus_service::shutdown_signal().await;
-                    chorus_service::systemd::stopping();
-                },
-            )
+            chorus_writer::run_with_metrics_listener(listener, metrics_listener, store, async {
+                chorus_service::shutdown_signal().await;
+                chorus_service::systemd::stopping();
+            })
             .await
             .context("serving")?;
             tracing::info!("writer stopped");

@@ -46,6 +46,7 @@ pub(crate) struct WriterMetrics {
     history_latency: Histogram,
     store_contention: Counter,
     store_unavailable: Counter,
+    history_expired: Counter,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -110,6 +111,8 @@ async fn send(
                     match e {
                         StoreError::Contention { .. } => state.metrics.store_contention.inc(),
                         StoreError::Unexpected(_) => state.metrics.store_unavailable.inc(),
+                        // Only history reads expire.
+                        StoreError::HistoryExpired { .. } => {}
                     }
                 }
             }
@@ -160,8 +163,10 @@ async fn history(
     let started = std::time::Instant::now();
     let page = state.store.history(&room, after, limit).await;
     state.metrics.history_latency.observe(started.elapsed());
-    if let Err(StoreError::Unexpected(_)) = &page {
-        state.metrics.store_unavailable.inc();
+    match &page {
+        Err(StoreError::Unexpected(_)) => state.metrics.store_unavailable.inc(),
+        Err(StoreError::HistoryExpired { .. }) => state.metrics.history_expired.inc(),
+        _ => {}
     }
     Ok(Json(page?))
 }
@@ -174,11 +179,26 @@ async fn openapi() -> impl IntoResponse {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let text = render_metrics_text(&state.metrics);
+    let text = render_metrics_text(&state.metrics, &*state.store);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
 }
 
-pub(crate) fn render_metrics_text(m: &WriterMetrics) -> String {
+pub(crate) fn render_metrics_text(m: &WriterMetrics, store: &dyn MessageStore) -> String {
+    let usage = store.usage();
+    let store_counters = [
+        ("write_units", usage.write_units),
+        ("read_units", usage.read_units),
+        ("items_written", usage.items_written),
+        ("messages_written", usage.messages_written),
+        ("races_lost", usage.races_lost),
+    ]
+    .map(|(name, value)| {
+        let counter = Counter::default();
+        counter.add(value);
+        (name, counter)
+    });
+    let store_counters: Vec<(&str, &Counter)> =
+        store_counters.iter().map(|(n, c)| (*n, c)).collect();
     Exposition::new()
         .counter(
             "chorus_writer_sends_total",
@@ -196,6 +216,18 @@ pub(crate) fn render_metrics_text(m: &WriterMetrics) -> String {
             "History pages served.",
             "",
             &[("", &m.history)],
+        )
+        .counter(
+            "chorus_writer_history_expired_total",
+            "History requests answered 410: the messages asked for are past retention.",
+            "",
+            &[("", &m.history_expired)],
+        )
+        .counter(
+            "chorus_writer_dynamodb_total",
+            "DynamoDB work: write and read request units (from item sizes), items written, messages they hold, writes that lost the race for a seq.",
+            "kind",
+            &store_counters,
         )
         .histogram(
             "chorus_writer_request_seconds",

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use chorus_writer::store::MemoryStore;
+use chorus_writer::store::{MemoryStore, MemoryTable, MessageStore, Settings};
 use tokio_util::sync::CancellationToken;
 
 /// A writer on an ephemeral loopback port, backed by an in-memory store; stopped on drop.
@@ -17,15 +17,20 @@ impl Drop for TestApp {
 }
 
 pub(crate) async fn spawn_app() -> TestApp {
+    spawn_app_with(Arc::new(MemoryStore::new(
+        MemoryTable::default(),
+        Settings::default(),
+    )))
+    .await
+}
+
+/// A writer on an ephemeral loopback port, serving `store`.
+pub(crate) async fn spawn_app_with(store: Arc<dyn MessageStore>) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone().cancelled_owned();
-    tokio::spawn(chorus_writer::run(
-        listener,
-        Arc::new(MemoryStore::default()),
-        stop,
-    ));
+    tokio::spawn(chorus_writer::run(listener, store, stop));
     TestApp {
         base,
         http: reqwest::Client::new(),

@@ -3,8 +3,12 @@
 
 mod helpers;
 
-use chorus_protocol::api::{ApiError, HistoryPage, SendResponse};
-use helpers::spawn_app;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_protocol::api::{ApiError, HISTORY_EXPIRED, HistoryPage, SendResponse};
+use chorus_writer::store::{ManualClock, MemoryStore, MemoryTable, Settings};
+use helpers::{spawn_app, spawn_app_with};
 use serde_json::json;
 
 #[tokio::test]
@@ -223,4 +227,61 @@ async fn the_openapi_document_matches_what_is_served() {
             "{field} not in SendRequest"
         );
     }
+}
+
+#[tokio::test]
+async fn history_past_retention_is_410_history_expired_naming_the_oldest_stored_seq() {
+    let clock = ManualClock::at(1_796_000_000_000);
+    let settings = Settings {
+        retention: Duration::from_secs(3600),
+        dedupe_window: Duration::from_secs(60),
+        ..Settings::default()
+    };
+    let store = MemoryStore::with_clock(MemoryTable::default(), settings, clock.clone());
+    let app = spawn_app_with(Arc::new(store)).await;
+    for id in ["a", "b"] {
+        app.send("lobby", json!({"id": id, "sender": "x", "body": "old"}))
+            .await;
+    }
+    clock.advance(Duration::from_secs(1800));
+    app.send("lobby", json!({"id": "c", "sender": "x", "body": "new"}))
+        .await;
+    clock.advance(Duration::from_secs(1801));
+
+    let res = app.get("/v1/rooms/lobby/messages?after=0").await;
+    assert_eq!(res.status(), 410);
+    let err: ApiError = res.json().await.unwrap();
+    assert_eq!(err.error.code, HISTORY_EXPIRED);
+    assert!(
+        err.error
+            .message
+            .contains("the oldest stored seq of room lobby is 3"),
+        "{}",
+        err.error.message
+    );
+    // From the oldest stored seq on, history is served; the head read still works.
+    let page: HistoryPage = app
+        .get("/v1/rooms/lobby/messages?after=2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].body.as_str(), "new");
+    let head: HistoryPage = app
+        .get("/v1/rooms/lobby/messages?after=0&limit=0")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(head.head.0, 3);
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("chorus_writer_history_expired_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("chorus_writer_dynamodb_total{kind=\"items_written\"} 3"),
+        "{text}"
+    );
 }

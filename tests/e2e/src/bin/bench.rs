@@ -1,7 +1,7 @@
 //! `chorus-bench publisher`: the publisher's cost per message, against the emulator.
 //!
 //! Writes 1 KB messages over 50 rooms through the real store (so the stream holds what production
-//! streams hold: the head and idempotency items beside each message), reads the stream back as
+//! streams hold: items of one or more messages, and each room's marker), reads the stream back as
 //! Lambda records, and runs them through the handler at Lambda batch sizes 100 and 1,000:
 //! - against the emulator's SNS, counting calls and bytes (the bill);
 //! - against an in-memory publisher, timing the handler's own CPU per record, next to a baseline
@@ -24,8 +24,10 @@ use aws_lambda_events::dynamodb::{Event, EventRecord};
 use chorus_e2e::aws;
 use chorus_protocol::{Body, ClientMsgId, RoomId, UserId};
 use chorus_publisher::sns::{SnsPublisher, ensure_topic};
-use chorus_publisher::{Publish, PublishError, handle_with_outcome};
-use chorus_writer::store::{DynamoStore, MessageStore as _, NewMessage, ensure_table};
+use chorus_publisher::{Classified, Publish, PublishError, classify, handle_with_outcome};
+use chorus_writer::store::{
+    DynamoStore, DynamoTable, MessageStore as _, NewMessage, Settings, ensure_table,
+};
 use clap::Parser as _;
 
 #[derive(Debug, clap::Parser)]
@@ -84,7 +86,10 @@ async fn publisher(messages: usize, rooms: usize, rounds: usize) -> anyhow::Resu
 
     // 1 KB bodies, round-robin over the rooms, 16 writers at once.
     let started = Instant::now();
-    let store = Arc::new(DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), &name));
+    let store = Arc::new(DynamoStore::new(
+        DynamoTable::new(aws_sdk_dynamodb::Client::new(&aws), &name),
+        Settings::default(),
+    ));
     let body = "x".repeat(1024);
     let next = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
@@ -116,21 +121,23 @@ async fn publisher(messages: usize, rooms: usize, rounds: usize) -> anyhow::Resu
     );
 
     let records = read_stream(&aws, &stream_arn).await?;
-    let message_records = records
+    let held: Vec<usize> = records
         .iter()
-        .filter(|r| {
-            r.event_name == "INSERT"
-                && matches!(r.change.keys.get("room"), Some(serde_dynamo::AttributeValue::S(room)) if !room.starts_with('#'))
+        .filter_map(|r| match classify(r) {
+            Classified::Messages(messages) => Some(messages.len()),
+            _ => None,
         })
-        .count();
+        .collect();
+    let stored: usize = held.iter().sum();
     anyhow::ensure!(
-        message_records == messages,
-        "the stream holds {message_records} message records, expected {messages}"
+        stored == messages,
+        "the stream's items hold {stored} messages, expected {messages}"
     );
     println!(
-        "bench: stream: {} records ({message_records} message inserts, {} bookkeeping) = {:.1} items written per message",
+        "bench: stream: {} records ({} items holding {stored} messages, {} room markers) = {:.2} records per message",
         records.len(),
-        records.len() - message_records,
+        held.len(),
+        records.len() - held.len(),
         records.len() as f64 / messages as f64
     );
 
