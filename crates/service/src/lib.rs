@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod service_auth;
 pub mod systemd;
 
 use std::future::Future;
