@@ -621,7 +621,9 @@ mod tests {
     use aws_sdk_dynamodbstreams::types::{
         AttributeValue, OperationType, StreamRecord as SdkStreamRecord,
     };
-    use chorus_protocol::{Body, BusPayload, ClientMsgId, RoomId, Seq, StoredMessage, UserId};
+    use chorus_protocol::{
+        Body, BusPayload, ClientMsgId, RoomId, Seq, StoredBatch, StoredEntry, UserId,
+    };
 
     use super::*;
     use crate::PublishError;
@@ -719,14 +721,17 @@ mod tests {
     }
 
     fn message_record(sequence_number: &str, room: &str, seq: u64) -> Record {
-        let stored = StoredMessage {
+        let stored = StoredBatch {
             room: RoomId::parse(room).unwrap(),
             seq: Seq(seq),
-            id: ClientMsgId::parse(format!("{room}-{seq}")).unwrap(),
-            sender: UserId::parse("ann").unwrap(),
-            body: Body::parse(format!("message {seq}")).unwrap(),
+            last: Seq(seq),
             ts: "2026-01-01T00:00:00.000Z".into(),
-            ttl: None,
+            ttl: 0,
+            msgs: vec![StoredEntry {
+                id: ClientMsgId::parse(format!("{room}-{seq}")).unwrap(),
+                sender: UserId::parse("ann").unwrap(),
+                body: Body::parse(format!("message {seq}")).unwrap(),
+            }],
         };
         let image: HashMap<String, AttributeValue> = serde_dynamo::to_item(&stored).unwrap();
         let keys = HashMap::from([

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chorus_e2e::{Service, aws};
 use chorus_protocol::{Body, ClientMsgId, RoomId, UserId};
-use chorus_writer::store::{DynamoStore, MessageStore as _, NewMessage, ensure_table};
+use chorus_writer::store::{
+    DynamoStore, DynamoTable, MessageStore as _, NewMessage, Settings, ensure_table,
+};
 
 /// A table and topic of their own; returns (table, topic ARN).
 async fn table_and_topic(aws: &aws_config::SdkConfig) -> (String, String) {
@@ -68,7 +70,10 @@ fn forwarded(n: usize) -> String {
 async fn a_poller_restarted_with_its_checkpoint_file_publishes_only_what_is_new() {
     let aws = aws().await;
     let (table, topic_arn) = table_and_topic(&aws).await;
-    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&aws), &table);
+    let store = DynamoStore::new(
+        DynamoTable::new(aws_sdk_dynamodb::Client::new(&aws), &table),
+        Settings::default(),
+    );
     let checkpoint = std::env::temp_dir().join(format!("{table}-checkpoint.json"));
 
     write(&store, 1..=3).await;
