@@ -15,8 +15,10 @@ infra/tests/test_janitor.py.
 import json
 import logging
 import os
+import re
 import time
 
+INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 logger = logging.getLogger("chorus-janitor")
 logger.setLevel(logging.INFO)
 
@@ -39,7 +41,9 @@ def instance_of(queue_name, prefix):
         return None
     rest = queue_name[len(prefix):]
     instance, _, suffix = rest.rpartition("-")
-    if not instance.startswith("i-") or not suffix:
+    # Only a whole instance id counts: the gateway cuts its id at 50 characters, so with a stack
+    # name over 30 characters the id in the name is cut and the queue is never touched.
+    if not INSTANCE_ID.fullmatch(instance) or not suffix:
         return None
     return instance
 

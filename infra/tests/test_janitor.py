@@ -31,7 +31,7 @@ class Janitor(unittest.TestCase):
         self.autoscaling = boto3.client("autoscaling")
         self.sns = boto3.client("sns")
         self.sqs = boto3.client("sqs")
-        image = self.ec2.describe_images()["Images"][0]["ImageId"]
+        image = "ami-12345678"  # the emulator launches any id (listing its images takes seconds)
         self.ec2.create_launch_template(
             LaunchTemplateName="gateways", LaunchTemplateData={"ImageId": image, "InstanceType": "t4g.nano"}
         )
@@ -78,6 +78,13 @@ class Janitor(unittest.TestCase):
         # Running it again changes nothing.
         again = self.prune(now=time.time() + 3600)
         self.assertEqual((again["deleted_queues"], again["unsubscribed"]), ([], []))
+
+    def test_never_touches_a_queue_whose_instance_id_was_cut(self):
+        # A long stack name: the gateway's id, and so the instance id in the name, is cut short.
+        _, sub = self.gateway_queue(f"{PREFIX}i-0deaddeadd-66666666")
+        result = self.prune(now=time.time() + 3600)
+        self.assertEqual((result["deleted_queues"], result["unsubscribed"]), ([], []))
+        self.assertEqual(self.subscriptions(), [sub])
 
     def test_keeps_a_young_queue(self):
         _, sub = self.gateway_queue(f"{PREFIX}i-0deaddeaddeaddead-44444444")
