@@ -149,6 +149,31 @@ class Bootstrap(unittest.TestCase):
                 lifecycle = (root / "etc/chorus/lifecycle.env").read_text()
                 self.assertIn(f"CHORUS_TARGET_GROUP_ARN={TARGET_GROUP}\n", lifecycle)
 
+    def test_cloudwatch_agent_config_ships_logs_and_the_scaling_metric(self):
+        import json
+
+        import yaml
+
+        root = self.render(30)
+        agent = json.loads((root / "etc/chorus/cloudwatch/agent.json").read_text())
+        collected = agent["logs"]["logs_collected"]
+        files = collected["files"]["collect_list"]
+        self.assertEqual([f["file_path"] for f in files], ["/var/log/chorus/chorus-gateway.log"])
+        self.assertEqual({f["log_group_name"] for f in files}, {"/chorus/chorus/gateway"})
+        emf = collected["prometheus"]["emf_processor"]
+        self.assertEqual(emf["metric_namespace"], "Chorus")
+        declaration = emf["metric_declaration"][0]
+        self.assertEqual(declaration["dimensions"], [["AutoScalingGroupName"]])
+        self.assertTrue(any(re.fullmatch(p, "chorus_gateway_connections") for p in declaration["metric_selectors"]))
+        scrape = yaml.safe_load((root / "etc/chorus/cloudwatch/prometheus.yaml").read_text())["scrape_configs"][0]
+        self.assertTrue(re.fullmatch(declaration["label_matcher"], scrape["job_name"]))
+        target = scrape["static_configs"][0]
+        # The series the scaling policy reads: namespace Chorus, dimension = the gateway group.
+        self.assertEqual(target["labels"], {"AutoScalingGroupName": "chorus-gateways"})
+        self.assertEqual(target["targets"], ["127.0.0.1:9101"])
+        env = (root / "etc/chorus/gateway.env").read_text()
+        self.assertIn("CHORUS_GATEWAY_METRICS_LISTEN=127.0.0.1:9101\n", env)
+
     def test_units_with_the_drop_in_verify(self):
         analyze = shutil.which("systemd-analyze")
         if analyze is None:
