@@ -11,6 +11,11 @@ MOTO_VERSION="5.2.5"
 DYNAMODB_LOCAL_NPM_VERSION="11.1.0"
 CFN_LINT_VERSION="1.58.0"
 SCHEMATHESIS_VERSION="4.32.5"
+# Infrastructure checks and deploys (scripts/check-infra, scripts/deploy); see
+# docs/decisions/0008-deploys-and-the-fleet-life-cycle.md for why these tools.
+PARLIAMENT_VERSION="1.6.4"
+AWSCLI_VERSION="1.46.3"
+CARGO_LAMBDA_VERSION="1.9.2"
 EMULATOR_HOST="127.0.0.1"
 EMULATOR_PORT="${CHORUS_EMULATOR_PORT:-4566}"
 DYNAMODB_PORT="${CHORUS_DYNAMODB_PORT:-8000}"
@@ -37,6 +42,33 @@ ensure_venv() {
       || die "pip install cfn-lint==$CFN_LINT_VERSION failed"
   fi
 }
+
+# pip_pin PACKAGE VERSION [MODULE-CHECK]: install PACKAGE==VERSION into .venv unless pip has it.
+pip_pin() {
+  local package=$1 version=$2
+  if [ "$("$VENV/bin/pip" show "$package" 2>/dev/null | sed -n 's/^Version: //p')" != "$version" ]; then
+    log "installing $package==$version into .venv"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$package==$version" \
+      || die "pip install $package==$version failed"
+  fi
+}
+
+# ensure_infra_tools: ensure_venv plus what scripts/check-infra runs: parliament (IAM policy
+# linter), the AWS CLI the instance scripts call (tested against fakes), cargo-lambda (the
+# publisher deploy test).
+ensure_infra_tools() {
+  ensure_venv
+  pip_pin parliament "$PARLIAMENT_VERSION"
+  pip_pin awscli "$AWSCLI_VERSION"
+  pip_pin cargo-lambda "$CARGO_LAMBDA_VERSION"
+}
+
+# ensure_deploy_tools: ensure_venv plus cargo-lambda (builds for Lambda and, with zig, for arm64).
+ensure_deploy_tools() {
+  ensure_venv
+  pip_pin cargo-lambda "$CARGO_LAMBDA_VERSION"
+}
+
 
 # ensure_java: a Java runtime for DynamoDB Local; Debian's headless JRE 17 when java is missing.
 ensure_java() {

@@ -40,6 +40,8 @@ impl GatewayQueue {
             .queue_name(name)
             .attributes(QueueAttributeName::MessageRetentionPeriod, "3600")
             .attributes(QueueAttributeName::ReceiveMessageWaitTimeSeconds, "20")
+            // Chat messages at rest are encrypted (SQS-managed keys: SNS can still deliver).
+            .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
             .send()
             .await
             .map_err(sqs_error("CreateQueue"))?;
