@@ -207,8 +207,10 @@ async function pollReady(service) {
 
 /** A table and topic of its own, a writer, a publisher poller and gateways. */
 export class Stack {
-  constructor(table, topicArn, writer, publisher) {
+  constructor(table, topicArn, writer, publisher, serviceKeyFile, writerToken) {
     this.table = table;
+    this.serviceKeyFile = serviceKeyFile;
+    this.writerToken = writerToken;
     this.topicArn = topicArn;
     this.writer = writer;
     this.publisher = publisher;
@@ -222,14 +224,27 @@ export class Stack {
     endpoint();
     await run("chorus-writer", ["create-table", "--table", table]);
     const topicArn = await run("chorus-publisher", ["create-topic", "--name", table]);
-    const writer = await Service.start("writer", "chorus-writer", ["--listen", "127.0.0.1:0", "--table", table], "writer listening");
+    // The writer refuses calls without a service token: a key shared with the gateways, and a
+    // token of the test's own for reading history.
+    mkdirSync(LOG_DIR, { recursive: true });
+    const serviceKeyFile = join(LOG_DIR, `${table}-service-key`);
+    writeFileSync(serviceKeyFile, randomBytes(36).toString("base64url"), { mode: 0o600 });
+    const writerToken = await run("chorus-writer", [
+      "mint-token", "--service-key-file", serviceKeyFile, "--sub", "client-tests", "--rooms", "*", "--senders", "*",
+    ]);
+    const writer = await Service.start(
+      "writer",
+      "chorus-writer",
+      ["--listen", "127.0.0.1:0", "--table", table, "--service-key-file", serviceKeyFile],
+      "writer listening",
+    );
     const publisher = await Service.start(
       "publisher",
       "chorus-publisher",
       ["poll", "--table", table, "--topic-arn", topicArn, "--idle-ms", "50", "--metrics-listen", "127.0.0.1:0"],
       "metrics listening",
     );
-    const stack = new Stack(table, topicArn, writer, publisher);
+    const stack = new Stack(table, topicArn, writer, publisher, serviceKeyFile, writerToken);
     for (let i = 0; i < gateways; i++) await stack.addGateway(gatewayArgs);
     return stack;
   }
@@ -261,6 +276,7 @@ export class Stack {
     const args = [
       "--listen", "127.0.0.1:0",
       "--writer-url", this.writer.http,
+      "--writer-key-file", this.serviceKeyFile,
       "--topic-arn", this.topicArn,
       "--gateway-id", name,
       "--sns-cert-mirror", endpoint(),
@@ -288,7 +304,9 @@ export class Stack {
     const messages = [];
     let after = 0;
     for (;;) {
-      const res = await fetch(`${this.writer.http}/v1/rooms/${room}/messages?after=${after}&limit=500`);
+      const res = await fetch(`${this.writer.http}/v1/rooms/${room}/messages?after=${after}&limit=500`, {
+        headers: { authorization: `Bearer ${this.writerToken}` },
+      });
       if (!res.ok) throw new Error(`history of ${room}: ${res.status} ${await res.text()}`);
       const page = await res.json();
       messages.push(...page.messages);
@@ -299,24 +317,39 @@ export class Stack {
 
   /**
    * Deletes stored messages from the table, as retention would: the test hook for
-   * `history_expired` (the emulator does not check request signatures).
+   * `history_expired` (the emulator does not check request signatures). The writer stores a run
+   * of a room's messages in one item keyed by its first seq, so the item holding each seq is found
+   * first (the last item starting at or before it) and deleted whole.
    */
   async deleteStored(room, seqs) {
-    const url = process.env.AWS_ENDPOINT_URL_DYNAMODB ?? endpoint();
-    const region = process.env.AWS_REGION ?? "us-east-1";
-    const date = new Date().toISOString().replace(/[-:]/g, "").replace(/\.\d+/, "");
-    for (const seq of seqs) {
+    const call = async (target, body) => {
+      const url = process.env.AWS_ENDPOINT_URL_DYNAMODB ?? endpoint();
+      const region = process.env.AWS_REGION ?? "us-east-1";
+      const date = new Date().toISOString().replace(/[-:]/g, "").replace(/\.\d+/, "");
       const res = await fetch(url, {
         method: "POST",
         headers: {
           "content-type": "application/x-amz-json-1.0",
-          "x-amz-target": "DynamoDB_20120810.DeleteItem",
+          "x-amz-target": `DynamoDB_20120810.${target}`,
           "x-amz-date": date,
           authorization: `AWS4-HMAC-SHA256 Credential=test/${date.slice(0, 8)}/${region}/dynamodb/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-target, Signature=${"0".repeat(64)}`,
         },
-        body: JSON.stringify({ TableName: this.table, Key: { room: { S: room }, seq: { N: String(seq) } } }),
+        body: JSON.stringify({ TableName: this.table, ...body }),
       });
-      if (!res.ok) throw new Error(`deleting ${room}#${seq}: ${res.status} ${await res.text()}`);
+      if (!res.ok) throw new Error(`${target} on ${room}: ${res.status} ${await res.text()}`);
+      return res.json();
+    };
+    for (const seq of seqs) {
+      const found = await call("Query", {
+        KeyConditionExpression: "room = :room AND seq <= :seq",
+        ExpressionAttributeValues: { ":room": { S: room }, ":seq": { N: String(seq) } },
+        ScanIndexForward: false,
+        Limit: 1,
+        ConsistentRead: true,
+      });
+      const item = found.Items?.[0];
+      if (!item || Number(item.last?.N ?? item.seq.N) < seq || Number(item.seq.N) === 0) continue;
+      await call("DeleteItem", { Key: { room: { S: room }, seq: { N: item.seq.N } } });
     }
   }
 

@@ -52,6 +52,16 @@ pub struct Config {
         default_value = "http://127.0.0.1:8080"
     )]
     pub writer_urls: Vec<String>,
+    /// Files holding the service keys shared with the writers (at least 32 bytes each): the
+    /// gateway signs a short-lived token with the first for every call to a writer. Several for
+    /// rotation; comma-separated in the environment variable.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_WRITER_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub writer_key_file: Vec<std::path::PathBuf>,
     /// SNS topic to subscribe to; only its notifications are accepted.
     #[arg(long, env = "CHORUS_TOPIC_ARN")]
     pub topic_arn: String,

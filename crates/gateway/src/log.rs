@@ -7,10 +7,12 @@
 //! When the chosen writer fails, the call moves on to the room's next writer. Correctness never
 //! depends on the routing: any writer may write any room.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_protocol::api::{ApiError, HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{RoomId, Seq};
+use chorus_service::service_auth::TokenSource;
 
 /// The message log (the writer, over HTTP).
 #[async_trait::async_trait]
@@ -49,6 +51,8 @@ pub struct WriterClient {
     http: reqwest::Client,
     bases: Vec<String>,
     attempts: u32,
+    /// Signs this gateway's service token for every call (the writer refuses calls without).
+    auth: Option<Arc<TokenSource>>,
 }
 
 impl WriterClient {
@@ -69,7 +73,15 @@ impl WriterClient {
                 .map(|b| b.trim_end_matches('/').to_owned())
                 .collect(),
             attempts: 3,
+            auth: None,
         })
+    }
+
+    /// Sends a service token from `auth` with every call.
+    #[must_use]
+    pub fn with_auth(mut self, auth: TokenSource) -> Self {
+        self.auth = Some(Arc::new(auth));
+        self
     }
 
     /// The writers for `room`, the preferred one first: highest rendezvous score first.
@@ -97,7 +109,11 @@ impl WriterClient {
             let Some(base) = writers.get(attempt as usize % writers.len().max(1)) else {
                 break;
             };
-            match request(base).send().await {
+            let mut request = request(base);
+            if let Some(auth) = &self.auth {
+                request = request.bearer_auth(auth.token());
+            }
+            match request.send().await {
                 Ok(res) if res.status().is_success() => {
                     return res
                         .json()

@@ -7,6 +7,7 @@ use chorus_gateway::bus::{SnsSubscriptions, prune_dead_subscriptions};
 use chorus_gateway::config::{Cli, Command};
 use chorus_gateway::log::WriterClient;
 use chorus_gateway::verify::CertSource;
+use chorus_service::service_auth::{Grant, ServiceKeys, TokenSource};
 use clap::Parser as _;
 
 #[tokio::main]
@@ -24,13 +25,26 @@ async fn main() -> anyhow::Result<()> {
     }
 
     config.validate()?;
+    let writer_keys = ServiceKeys::from_files(&config.writer_key_file).context(
+        "the gateway needs --writer-key-file (CHORUS_WRITER_KEY_FILE): the service key it signs \
+         its calls to the writers with",
+    )?;
+    let caller = config
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| "gateway".to_owned());
     let deps = Deps {
         log: Arc::new(
             WriterClient::new(
                 &config.writer_urls,
                 Duration::from_millis(config.writer_timeout_ms),
             )
-            .context("building the writer client")?,
+            .context("building the writer client")?
+            .with_auth(TokenSource::new(
+                writer_keys,
+                Grant::gateway(caller),
+                Duration::from_secs(300),
+            )),
         ),
         subscriptions: Arc::new(SnsSubscriptions::new(sns, &config.topic_arn)),
         sqs: Some(aws_sdk_sqs::Client::new(&aws)),

@@ -1,6 +1,7 @@
 //! The writer's configuration, parsed once from flags and `CHORUS_*` environment variables.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chorus_service::LogArgs;
@@ -28,6 +29,26 @@ pub enum Command {
     /// Create the messages table (stream NEW_IMAGE, TTL on `ttl`) if it does not exist, and print
     /// its stream ARN.
     CreateTable,
+    /// Print a service token for a backend (signed with the first --service-key-file): it may post
+    /// to the rooms and as the sender names listed, and read those rooms' history.
+    MintToken(MintToken),
+}
+
+/// `chorus-writer mint-token`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MintToken {
+    /// Who the backend is (logged with what it does).
+    #[arg(long)]
+    pub sub: String,
+    /// Rooms it may use: names, `prefix*`, or `*`; comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub rooms: Vec<String>,
+    /// Sender names it may post as: names, `prefix*`, or `*`; comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub senders: Vec<String>,
+    /// How long the token is valid, e.g. 1h, 30d.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -43,6 +64,16 @@ pub struct Config {
     /// Also serve `/metrics` on this address (e.g. a port only the monitoring network reaches).
     #[arg(long, global = true, env = "CHORUS_WRITER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Files holding the service keys (at least 32 bytes each): every `/v1` request must carry a
+    /// token signed with one of them. The first signs `mint-token`'s tokens. Several for
+    /// rotation; comma-separated in the environment variable.
+    #[arg(
+        long,
+        global = true,
+        env = "CHORUS_SERVICE_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub service_key_file: Vec<PathBuf>,
     /// DynamoDB table holding messages.
     #[arg(
         long,

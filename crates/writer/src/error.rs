@@ -5,6 +5,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chorus_protocol::api::{ApiError as ApiErrorBody, ApiErrorDetail, HISTORY_EXPIRED};
+use chorus_service::service_auth::TokenError;
 
 use crate::store::StoreError;
 
@@ -17,6 +18,12 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// No valid service token: who is calling is not known.
+    #[error("unauthorized: {0}")]
+    Unauthorized(TokenError),
+    /// The caller's token does not allow this room or sender name.
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     /// The store failed; the client should retry (with the same message id).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -42,6 +49,30 @@ impl IntoResponse for ApiError {
                 "not_found",
                 "no such endpoint".to_owned(),
             ),
+            ApiError::Unauthorized(reason) => {
+                let body = ApiErrorBody {
+                    error: ApiErrorDetail {
+                        code: "unauthorized".to_owned(),
+                        message: format!(
+                            "{reason}: send Authorization: Bearer <service token> (gateways sign \
+                             their own with --writer-key-file; backends get one from \
+                             chorus-writer mint-token)"
+                        ),
+                    },
+                };
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(
+                        axum::http::header::WWW_AUTHENTICATE,
+                        "Bearer realm=\"chorus-writer\"",
+                    )],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::Forbidden { code, message } => {
+                (StatusCode::FORBIDDEN, *code, message.clone())
+            }
             ApiError::Store(expired @ StoreError::HistoryExpired { .. }) => {
                 (StatusCode::GONE, HISTORY_EXPIRED, expired.to_string())
             }

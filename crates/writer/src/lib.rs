@@ -10,6 +10,7 @@ pub mod store;
 use std::future::Future;
 use std::sync::Arc;
 
+use chorus_service::service_auth::ServiceKeys;
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -23,12 +24,14 @@ use crate::store::MessageStore;
 ///
 /// # Errors
 /// When the server fails (not when a request does).
+/// Every `/v1` request must carry a service token signed with one of `keys`.
 pub async fn run(
     listener: TcpListener,
     store: Arc<dyn MessageStore>,
+    keys: Arc<ServiceKeys>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    run_with_metrics_listener(listener, None, store, shutdown).await
+    run_with_metrics_listener(listener, None, store, keys, shutdown).await
 }
 
 /// [`run`], also serving `/metrics` on `metrics_listener` when given.
@@ -39,11 +42,13 @@ pub async fn run_with_metrics_listener(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     store: Arc<dyn MessageStore>,
+    keys: Arc<ServiceKeys>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = AppState {
         store,
         metrics: Arc::default(),
+        keys,
     };
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(metrics_listener) = metrics_listener {

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use chorus_service::service_auth::{CallerKind, Grant, Patterns, ServiceKeys};
 use chorus_writer::config::{Cli, Command};
 use chorus_writer::store::{DynamoStore, DynamoTable, LegacyStore, MessageStore, ensure_table};
 use clap::Parser as _;
@@ -11,11 +12,34 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.config;
     chorus_service::init_tracing(&config.log)?;
     let settings = config.settings().map_err(anyhow::Error::msg)?;
-    let aws = chorus_service::load_aws_config().await;
-    let client = aws_sdk_dynamodb::Client::new(&aws);
+    let command = cli.command.unwrap_or(Command::Serve);
+    let keys = || {
+        ServiceKeys::from_files(&config.service_key_file).context(
+            "the writer needs --service-key-file (CHORUS_SERVICE_KEY_FILE): the key its callers \
+             sign their tokens with",
+        )
+    };
+    let dynamodb =
+        || async { aws_sdk_dynamodb::Client::new(&chorus_service::load_aws_config().await) };
 
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
+        Command::MintToken(mint) => {
+            let grant = Grant {
+                sub: mint.sub,
+                kind: CallerKind::Backend,
+                rooms: Patterns(mint.rooms),
+                senders: Patterns(mint.senders),
+            };
+            let token = keys()?.mint(&grant, mint.ttl);
+            // The one line of output: a CLI answer, not a log.
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{token}");
+            }
+            Ok(())
+        }
         Command::CreateTable => {
+            let client = dynamodb().await;
             let stream_arn = ensure_table(&client, &config.table).await?;
             // The one line of output scripts read: this is a CLI answer, not a log.
             #[allow(clippy::print_stdout)]
@@ -25,6 +49,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
+            let keys = Arc::new(keys()?);
+            let client = dynamodb().await;
             let store: Arc<dyn MessageStore> = if config.legacy_store {
                 tracing::warn!(
                     "serving with the replaced one-transaction-per-send store (benchmarks only)"
@@ -51,10 +77,16 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            chorus_writer::run_with_metrics_listener(listener, metrics_listener, store, async {
-                chorus_service::shutdown_signal().await;
-                chorus_service::systemd::stopping();
-            })
+            chorus_writer::run_with_metrics_listener(
+                listener,
+                metrics_listener,
+                store,
+                keys,
+                async {
+                    chorus_service::shutdown_signal().await;
+                    chorus_service::systemd::stopping();
+                },
+            )
             .await
             .context("serving")?;
             tracing::info!("writer stopped");

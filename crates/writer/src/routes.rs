@@ -12,7 +12,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -21,6 +22,7 @@ use chorus_protocol::api::{
 };
 use chorus_protocol::{RoomId, Seq};
 use chorus_service::metrics::{self, Counter, Exposition, Histogram};
+use chorus_service::service_auth::{CallerKind, Grant, ServiceKeys, TokenError};
 
 use crate::error::ApiError;
 use crate::store::{MessageStore, NewMessage, StoreError};
@@ -33,6 +35,65 @@ const MAX_REQUEST_BYTES: usize = 128 * 1024;
 pub(crate) struct AppState {
     pub(crate) store: Arc<dyn MessageStore>,
     pub(crate) metrics: Arc<WriterMetrics>,
+    /// The service keys callers' tokens must be signed with.
+    pub(crate) keys: Arc<ServiceKeys>,
+}
+
+/// The authenticated caller of a `/v1` request: a valid service token's grant. Extracting it
+/// refuses the request (401) when the token is missing or invalid.
+pub(crate) struct Caller(pub(crate) Grant);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim);
+        let verified = match token {
+            None | Some("") => Err(TokenError::Missing),
+            Some(token) => state.keys.verify(token),
+        };
+        verified.map(Caller).map_err(|reason| {
+            state.metrics.refused(&reason);
+            // The reason, never the token.
+            tracing::warn!(reason = %reason, "request refused: no valid service token");
+            ApiError::Unauthorized(reason)
+        })
+    }
+}
+
+impl Caller {
+    /// Refuses (403) a room the caller's grant does not name.
+    fn may_use_room(&self, room: &RoomId, metrics: &WriterMetrics) -> Result<(), ApiError> {
+        if self.0.kind == CallerKind::Gateway || self.0.rooms.allows(room.as_str()) {
+            return Ok(());
+        }
+        metrics.forbidden_room.inc();
+        Err(ApiError::Forbidden {
+            code: "forbidden_room",
+            message: format!("the token of {} does not allow room {room}", self.0.sub),
+        })
+    }
+
+    /// Refuses (403) a sender name a backend's grant does not name. A gateway names the sender
+    /// its client authenticated as.
+    fn may_send_as(&self, sender: &str, metrics: &WriterMetrics) -> Result<(), ApiError> {
+        if self.0.kind == CallerKind::Gateway || self.0.senders.allows(sender) {
+            return Ok(());
+        }
+        metrics.forbidden_sender.inc();
+        Err(ApiError::Forbidden {
+            code: "forbidden_sender",
+            message: format!(
+                "the token of {} does not allow sending as {sender}",
+                self.0.sub
+            ),
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +108,26 @@ pub(crate) struct WriterMetrics {
     store_contention: Counter,
     store_unavailable: Counter,
     history_expired: Counter,
+    refused_missing: Counter,
+    refused_malformed: Counter,
+    refused_signature: Counter,
+    refused_expired: Counter,
+    refused_audience: Counter,
+    forbidden_room: Counter,
+    forbidden_sender: Counter,
+}
+
+impl WriterMetrics {
+    fn refused(&self, reason: &TokenError) {
+        match reason {
+            TokenError::Missing => &self.refused_missing,
+            TokenError::Malformed => &self.refused_malformed,
+            TokenError::Signature => &self.refused_signature,
+            TokenError::Expired => &self.refused_expired,
+            TokenError::Audience => &self.refused_audience,
+        }
+        .inc();
+    }
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -66,15 +147,18 @@ fn parse_room(raw: String) -> Result<RoomId, ApiError> {
 
 async fn send(
     State(state): State<AppState>,
+    caller: Caller,
     Path(room): Path<String>,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let started = std::time::Instant::now();
     let result = async {
         let room = parse_room(room)?;
+        caller.may_use_room(&room, &state.metrics)?;
         let request: SendRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("invalid_body", format!("invalid send request: {e}"))
         })?;
+        caller.may_send_as(request.sender.as_str(), &state.metrics)?;
         let appended = state
             .store
             .append(NewMessage {
@@ -106,6 +190,8 @@ async fn send(
         Err(err) => {
             match err {
                 ApiError::BadRequest { .. } | ApiError::NotFound => state.metrics.rejected.inc(),
+                // Counted by reason where refused.
+                ApiError::Unauthorized(_) | ApiError::Forbidden { .. } => {}
                 ApiError::Store(ref e) => {
                     state.metrics.failed.inc();
                     match e {
@@ -123,10 +209,12 @@ async fn send(
 
 async fn history(
     State(state): State<AppState>,
+    caller: Caller,
     Path(room): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<HistoryPage>, ApiError> {
     let room = parse_room(room)?;
+    caller.may_use_room(&room, &state.metrics)?;
     let after = match params.get("after") {
         None => Seq(0),
         // Seqs are int64 on the wire (what every JSON client can hold).
@@ -240,6 +328,20 @@ pub(crate) fn render_metrics_text(m: &WriterMetrics, store: &dyn MessageStore) -
             "DynamoDB failures by kind: contention (a room's seq race not resolved), unavailable (errors, throttling, timeouts).",
             "kind",
             &[("contention", &m.store_contention), ("unavailable", &m.store_unavailable)],
+        )
+        .counter(
+            "chorus_writer_requests_refused_total",
+            "Requests refused before anything was done: no valid service token (401: missing, malformed, signature, expired, audience), or a backend token that does not allow the room or sender (403).",
+            "reason",
+            &[
+                ("missing", &m.refused_missing),
+                ("malformed", &m.refused_malformed),
+                ("signature", &m.refused_signature),
+                ("expired", &m.refused_expired),
+                ("audience", &m.refused_audience),
+                ("forbidden_room", &m.forbidden_room),
+                ("forbidden_sender", &m.forbidden_sender),
+            ],
         )
         .finish()
 }

@@ -43,6 +43,47 @@ fn binary(name: &str) -> PathBuf {
 
 /// The emulator endpoint; the tests need one. (DynamoDB may have its own,
 /// `AWS_ENDPOINT_URL_DYNAMODB`, which the SDK picks up by itself.)
+/// The service key every writer and gateway started here shares (a file made once per process,
+/// with a random key): the writers refuse calls without a token signed with it.
+pub fn service_key_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!(
+            "chorus-e2e-service-key-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let key = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        std::fs::write(&path, key).expect("writing the e2e service key");
+        path
+    })
+}
+
+/// An HTTP client that calls writers as a gateway would (with a service token), for tests that
+/// read a writer's history themselves.
+pub fn writer_http() -> reqwest::Client {
+    use chorus_service::service_auth::{Grant, ServiceKeys};
+    let keys =
+        ServiceKeys::from_files(&[service_key_file().to_path_buf()]).expect("the e2e service key");
+    let token = keys.mint(
+        &Grant::gateway("e2e-checker"),
+        Duration::from_secs(24 * 3600),
+    );
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
 pub fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").expect(
         "AWS_ENDPOINT_URL is not set: the e2e tests need the AWS emulator; run ./scripts/test",
@@ -440,6 +481,7 @@ impl Stack {
         let name = format!("gateway-{}", self.gateways.len());
         let writer_index = self.gateways.len() % self.writer_count();
         let mirror = sns_endpoint();
+        let key_file = &*service_key_file().to_string_lossy();
         let writer_url = match &self.writer_balancer {
             Some(balancer) => balancer.url(),
             None => self.writer_mut(writer_index).http(),
@@ -455,6 +497,8 @@ impl Stack {
             &name,
             "--sns-cert-mirror",
             &mirror,
+            "--writer-key-file",
+            key_file,
             "--insecure-dev-users",
             "--drain-timeout-ms",
             "5000",
@@ -548,7 +592,14 @@ fn start_writer(name: &str, table: &str) -> anyhow::Result<Service> {
     Service::start(
         name,
         "chorus-writer",
-        &["--listen", "127.0.0.1:0", "--table", table],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--table",
+            table,
+            "--service-key-file",
+            &service_key_file().to_string_lossy(),
+        ],
         &[],
         "writer listening",
     )

@@ -353,7 +353,7 @@ async fn a_send_retried_with_the_same_id_is_stored_and_delivered_once() {
 #[tokio::test]
 async fn two_writers_racing_on_one_room_give_dense_seqs() {
     let stack = Stack::start_with(2, 0).await.unwrap();
-    let http = reqwest::Client::new();
+    let http = chorus_e2e::writer_http();
     let writers = [stack.writer.http(), stack.more_writers[0].http()];
     let mut sends = Vec::new();
     for i in 0..40 {

@@ -1,11 +1,35 @@
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use chorus_service::service_auth::{Grant, ServiceKeys};
 use chorus_writer::store::{MemoryStore, MemoryTable, MessageStore, Settings};
 use tokio_util::sync::CancellationToken;
+
+/// The service key of the test writers.
+pub(crate) const KEY: &[u8] = b"the writer tests' service key, 32 bytes or more";
+
+pub(crate) fn keys() -> ServiceKeys {
+    ServiceKeys::from_secrets(&[KEY.to_vec()]).unwrap()
+}
+
+/// An HTTP client that sends `token` with every request.
+pub(crate) fn client_with(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
 
 /// A writer on an ephemeral loopback port, backed by an in-memory store; stopped on drop.
 pub(crate) struct TestApp {
     pub(crate) base: String,
+    /// Calls as a gateway (a valid service token on every request).
     pub(crate) http: reqwest::Client,
     shutdown: CancellationToken,
 }
@@ -30,10 +54,11 @@ pub(crate) async fn spawn_app_with(store: Arc<dyn MessageStore>) -> TestApp {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone().cancelled_owned();
-    tokio::spawn(chorus_writer::run(listener, store, stop));
+    tokio::spawn(chorus_writer::run(listener, store, Arc::new(keys()), stop));
+    let gateway = keys().mint(&Grant::gateway("gateway-test"), Duration::from_secs(600));
     TestApp {
         base,
-        http: reqwest::Client::new(),
+        http: client_with(&gateway),
         shutdown,
     }
 }

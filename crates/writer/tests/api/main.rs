@@ -285,3 +285,153 @@ async fn history_past_retention_is_410_history_expired_naming_the_oldest_stored_
         "{text}"
     );
 }
+
+mod service_tokens {
+    use chorus_service::service_auth::{CallerKind, Grant, Patterns, ServiceKeys};
+
+    use super::*;
+    use crate::helpers::{client_with, keys};
+
+    fn backend() -> Grant {
+        Grant {
+            sub: "billing".into(),
+            kind: CallerKind::Backend,
+            rooms: Patterns(vec!["orders-*".into()]),
+            senders: Patterns(vec!["billing-bot".into()]),
+        }
+    }
+
+    async fn error_code(res: reqwest::Response) -> String {
+        res.json::<ApiError>().await.unwrap().error.code
+    }
+
+    async fn head(app: &helpers::TestApp, room: &str) -> u64 {
+        let page: HistoryPage = app
+            .get(&format!("/v1/rooms/{room}/messages"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        page.head.0
+    }
+
+    #[tokio::test]
+    async fn a_call_without_a_valid_service_token_is_refused_and_changes_nothing() {
+        let app = spawn_app().await;
+        let url = format!("{}/v1/rooms/lobby/messages", app.base);
+        let send = json!({"id": "m1", "sender": "mallory", "body": "forged"});
+        let foreign =
+            ServiceKeys::from_secrets(&[b"another key of at least thirty-two bytes".to_vec()])
+                .unwrap()
+                .mint(&Grant::gateway("impostor"), Duration::from_secs(60));
+        for client in [
+            reqwest::Client::new(),
+            client_with("not-a-token"),
+            client_with(&foreign),
+        ] {
+            let res = client.post(&url).json(&send).send().await.unwrap();
+            assert_eq!(res.status(), 401);
+            assert!(res.headers().contains_key("www-authenticate"));
+            let body: ApiError = res.json().await.unwrap();
+            assert_eq!(body.error.code, "unauthorized");
+            assert!(
+                !body.error.message.contains("Bearer ey"),
+                "never echoes a token"
+            );
+            let res = client.get(&url).send().await.unwrap();
+            assert_eq!(res.status(), 401, "history needs a token too");
+        }
+        assert_eq!(head(&app, "lobby").await, 0, "nothing was stored");
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        for line in [
+            r#"chorus_writer_requests_refused_total{reason="missing"} 2"#,
+            r#"chorus_writer_requests_refused_total{reason="malformed"} 2"#,
+            r#"chorus_writer_requests_refused_total{reason="signature"} 2"#,
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+        // Health, metrics and the contract stay open.
+        let anonymous = reqwest::Client::new();
+        for path in ["/healthz", "/metrics", "/openapi.json"] {
+            let res = anonymous
+                .get(format!("{}{path}", app.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_publishes_idempotently_only_to_its_rooms_and_as_its_senders() {
+        let app = spawn_app().await;
+        let billing = client_with(&keys().mint(&backend(), Duration::from_secs(600)));
+        let post = |room: &str, sender: &str, id: &str| {
+            billing
+                .post(format!("{}/v1/rooms/{room}/messages", app.base))
+                .json(&json!({"id": id, "sender": sender, "body": "order 42 shipped"}))
+                .send()
+        };
+        let first = post("orders-42", "billing-bot", "o-1").await.unwrap();
+        assert_eq!(first.status(), 201);
+        let first: SendResponse = first.json().await.unwrap();
+        let again = post("orders-42", "billing-bot", "o-1").await.unwrap();
+        assert_eq!(
+            again.status(),
+            200,
+            "a retry with the same id is stored once"
+        );
+        assert_eq!(again.json::<SendResponse>().await.unwrap().seq, first.seq);
+
+        let room = post("lobby", "billing-bot", "o-2").await.unwrap();
+        assert_eq!(room.status(), 403);
+        assert_eq!(error_code(room).await, "forbidden_room");
+        let sender = post("orders-42", "john", "o-3").await.unwrap();
+        assert_eq!(sender.status(), 403);
+        assert_eq!(error_code(sender).await, "forbidden_sender");
+        assert_eq!(head(&app, "orders-42").await, 1);
+        assert_eq!(head(&app, "lobby").await, 0);
+        // It reads its own rooms' history, not others'.
+        let own = billing
+            .get(format!("{}/v1/rooms/orders-42/messages", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(own.status(), 200);
+        let other = billing
+            .get(format!("{}/v1/rooms/lobby/messages", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 403);
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_is_refused_with_the_reason() {
+        let app = spawn_app().await;
+        let claims = json!({
+            "iss": "chorus", "aud": "chorus-writer", "iat": 1, "exp": 2,
+            "sub": "gateway-a", "kind": "gateway", "rooms": ["*"], "senders": ["*"],
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(helpers::KEY),
+        )
+        .unwrap();
+        let res = client_with(&token)
+            .get(format!("{}/v1/rooms/lobby/messages", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        assert!(
+            res.json::<ApiError>()
+                .await
+                .unwrap()
+                .error
+                .message
+                .contains("expired")
+        );
+    }
+}

@@ -13,7 +13,7 @@ pub(crate) async fn read_history(
     stack: &Stack,
     rooms: &BTreeSet<RoomId>,
 ) -> anyhow::Result<HashMap<RoomId, Vec<(u64, String)>>> {
-    let http = reqwest::Client::new();
+    let http = chorus_e2e::writer_http();
     let mut all = HashMap::new();
     for room in rooms {
         let mut messages: Vec<(u64, String)> = Vec::new();
