@@ -363,8 +363,9 @@ const RUNNERS = {
       assert.match(expired[0].message, /no longer stored/);
       await sendInTurn(sender, room, p.after, "new");
       await client.receive(room, p.after);
-      const stored = await stack.history(room);
-      assertAsStored(client, room, stored.filter((m) => m.seq > p.stored));
+      // The writer answers 410 for history older than what it holds: read after the deletion.
+      const stored = await stack.history(room, p.stored);
+      assertAsStored(client, room, stored);
     });
   },
 

@@ -299,10 +299,13 @@ export class Stack {
     await run("chorus-gateway", ["--topic-arn", this.topicArn, "prune-subscriptions"]);
   }
 
-  /** Every stored message of `room`, oldest first, from the writer's history API. */
-  async history(room) {
+  /**
+   * Every stored message of `room` after seq `from` (0: all), oldest first, from the writer's
+   * history API (which answers 410 for a `from` older than what it still stores).
+   */
+  async history(room, from = 0) {
     const messages = [];
-    let after = 0;
+    let after = from;
     for (;;) {
       const res = await fetch(`${this.writer.http}/v1/rooms/${room}/messages?after=${after}&limit=500`, {
         headers: { authorization: `Bearer ${this.writerToken}` },
