@@ -478,3 +478,98 @@ class ClientsUseWss(_Rule):
         if "wss://" not in value or "ws://" in value.replace("wss://", ""):
             return [RuleMatch(["Outputs", "GatewayUrl"], "GatewayUrl must be wss:// only")]
         return []
+
+
+# ---- issue 16: every door locked ---------------------------------------------------------------
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _key(value):
+    """A comparable form of a value that may still hold intrinsic functions."""
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _sends(statement):
+    actions = _as_list(statement.get("Action") or [])
+    return any(str(a).lower() in ("sqs:sendmessage", "sqs:*", "*") for a in actions)
+
+
+def _source_arns(condition, operators):
+    """The values of aws:SourceArn under any of `operators` in a statement's Condition."""
+    found = []
+    for operator, keys in (condition or {}).items():
+        if operator not in operators or not isinstance(keys, dict):
+            continue
+        for key, value in keys.items():
+            if key.lower() == "aws:sourcearn":
+                found.extend(_as_list(value))
+    return found
+
+
+def queue_policy_problems(document):
+    """What lets a sender other than the topic put messages in a queue, for one SQS queue policy
+    (as written in the template, or the JSON a gateway sets on its queue): every statement that
+    allows sqs:SendMessage names SNS as the principal and the topic as aws:SourceArn, and an
+    explicit Deny of sqs:SendMessage for every principal (`*`) whose aws:SourceArn is not that
+    topic stands beside it. IAM evaluates a negated condition on a missing key as true, so the
+    Deny also covers a principal of the account calling SendMessage itself (no aws:SourceArn),
+    whatever its own IAM policy allows; only an explicit Deny can override such an Allow."""
+    statements = _as_list((document or {}).get("Statement") or [])
+    problems = []
+    topics = set()
+    for s in statements:
+        if s.get("Effect") != "Allow" or not _sends(s):
+            continue
+        sid = s.get("Sid", "an Allow statement")
+        principal = s.get("Principal")
+        services = _as_list(principal.get("Service")) if isinstance(principal, dict) else []
+        if services != ["sns.amazonaws.com"] or set(principal) != {"Service"}:
+            problems.append(f"{sid}: sqs:SendMessage allowed to {principal!r}, not only to SNS")
+        arns = _source_arns(s.get("Condition"), ("ArnEquals", "ArnLike", "StringEquals"))
+        if not arns:
+            problems.append(f"{sid}: sqs:SendMessage allowed without an aws:SourceArn condition")
+        topics.update(_key(a) for a in arns)
+    if not topics:
+        return problems
+    denied = set()
+    for s in statements:
+        if s.get("Effect") != "Deny" or not _sends(s) or "NotPrincipal" in s or "NotAction" in s:
+            continue
+        if s.get("Principal") not in ("*", {"AWS": "*"}):
+            continue
+        condition = s.get("Condition") or {}
+        arns = _source_arns(condition, ("ArnNotEquals", "ArnNotLike", "StringNotEquals"))
+        # Any other condition would narrow the Deny to fewer callers.
+        only_source = len(condition) == 1 and len(next(iter(condition.values()))) == 1
+        if arns and only_source:
+            denied.add(frozenset(_key(a) for a in arns))
+    if frozenset(topics) not in denied:
+        problems.append(
+            "no explicit Deny of sqs:SendMessage to every principal (*) whose aws:SourceArn is "
+            "not the topic: an account principal with sqs:SendMessage in its own policy could "
+            "inject unsigned events"
+        )
+    return problems
+
+
+class QueuesOnlyFromTheTopic(_Rule):
+    id = "E9015"
+    shortdesc = "A queue that the topic may write to refuses every other sender explicitly"
+    description = (
+        "Every AWS::SQS::QueuePolicy that allows sqs:SendMessage allows it to SNS with an "
+        "aws:SourceArn condition, and explicitly denies sqs:SendMessage to every principal whose "
+        "aws:SourceArn is not that topic. Gateways create their queues at run time "
+        "(crates/gateway/src/queue.rs); infra/tests/fixtures/gateway-queue-policy.json is the "
+        "policy they must set, checked by the same function."
+    )
+
+    def match(self, cfn):
+        return [
+            RuleMatch(["Resources", name, "Properties", "PolicyDocument"], f"{name}: {problem}")
+            for name, policy in self._each(cfn, "AWS::SQS::QueuePolicy")
+            for problem in queue_policy_problems(_props(policy).get("PolicyDocument"))
+        ]

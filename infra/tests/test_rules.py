@@ -6,6 +6,7 @@ Run: .venv/bin/python -m unittest discover -s infra/tests (scripts/check-infra d
 """
 
 import copy
+import json
 import sys
 import unittest
 
@@ -83,6 +84,43 @@ def drop_alarm_on(metric):
     return mutate
 
 
+FIXTURES = tpl.ROOT / "infra" / "tests" / "fixtures"
+
+
+def topic_queue_policy(deny=True, **deny_changes):
+    """An AWS::SQS::QueuePolicy letting MessagesTopic write to PoisonQueue, as the template would
+    hold one: the Allow for the topic and, unless deny=False, the explicit Deny for the rest."""
+    queue = {"Fn::GetAtt": ["PoisonQueue", "Arn"]}
+    statements = [{
+        "Effect": "Allow",
+        "Principal": {"Service": "sns.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": queue,
+        "Condition": {"ArnEquals": {"aws:SourceArn": {"Ref": "MessagesTopic"}}},
+    }]
+    if deny:
+        statements.append({
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": "sqs:SendMessage",
+            "Resource": queue,
+            "Condition": {"ArnNotEquals": {"aws:SourceArn": {"Ref": "MessagesTopic"}}},
+            **deny_changes,
+        })
+    return {
+        "Type": "AWS::SQS::QueuePolicy",
+        "Condition": "IsAws",
+        "Properties": {
+            "Queues": [{"Ref": "PoisonQueue"}],
+            "PolicyDocument": {"Version": "2012-10-17", "Statement": statements},
+        },
+    }
+
+
+def add_resource(name, resource):
+    return lambda t: resources(t).update({name: resource})
+
+
 # (rule, what breaks, mutation). Each mutation breaks one invariant the issue names.
 BREAKS = [
     ("E9001", "no UpdatePolicy on the gateway group", lambda t: resources(t)["GatewayGroup"].pop("UpdatePolicy")),
@@ -149,6 +187,13 @@ BREAKS = [
     ("E9012", "no connection target tracking", lambda t: resources(t).pop("GatewayConnectionScaling")),
     ("E9013", "x86_64 by default", lambda t: t["Parameters"]["Architecture"].update(Default="x86_64")),
     ("E9013", "publisher pinned to x86_64", lambda t: props(t, "PublisherFunction").update(Architectures=["x86_64"])),
+    ("E9015", "a queue the topic writes to, with no explicit Deny for other senders",
+     add_resource("TopicQueuePolicy", topic_queue_policy(deny=False))),
+    ("E9015", "the Deny names another topic than the Allow",
+     add_resource("TopicQueuePolicy", topic_queue_policy(
+         Condition={"ArnNotEquals": {"aws:SourceArn": {"Fn::Sub": "${MessagesTopic}-old"}}}))),
+    ("E9015", "the Deny covers one principal only",
+     add_resource("TopicQueuePolicy", topic_queue_policy(Principal={"AWS": {"Ref": "AWS::AccountId"}}))),
     ("E9014", "ws:// advertised", lambda t: t["Outputs"]["GatewayUrl"].update(Value={"Fn::Sub": "ws://${GatewayAlb.DNSName}/ws"})),
 ]
 
@@ -167,6 +212,47 @@ class TemplateRules(unittest.TestCase):
                 broken = copy.deepcopy(original)
                 mutate(broken)
                 self.assertIn(rule, failing_rules(broken), f"{rule} did not catch: {what}")
+
+
+class QueuePolicies(unittest.TestCase):
+    """The queue policy rule (E9015) on the policy a gateway sets on its own queue at run time
+    (crates/gateway/src/queue.rs): the fixture is what it must write; the allow-only fixture is the
+    policy before issue 16, which let any account principal with sqs:SendMessage inject events."""
+
+    def fixture(self, name):
+        return json.loads((FIXTURES / name).read_text())
+
+    def test_a_correct_queue_policy_in_the_template_passes(self):
+        template = tpl.load()
+        resources(template)["TopicQueuePolicy"] = topic_queue_policy()
+        self.assertEqual(failing_rules(template), set())
+
+    def test_the_gateway_queue_policy_denies_every_other_sender(self):
+        self.assertEqual(chorus_rules.queue_policy_problems(self.fixture("gateway-queue-policy.json")), [])
+
+    def test_allow_only_is_refused(self):
+        problems = chorus_rules.queue_policy_problems(self.fixture("gateway-queue-policy-allow-only.json"))
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("no explicit Deny", problems[0])
+
+    def test_each_weakening_of_the_deny_or_the_allow_is_refused(self):
+        breaks = {
+            "Deny narrowed by a second condition": lambda deny, allow: deny["Condition"].update(
+                {"StringEquals": {"aws:PrincipalAccount": "123456789012"}}),
+            "Deny for another topic": lambda deny, allow: deny["Condition"]["ArnNotEquals"].update(
+                {"aws:SourceArn": "arn:aws:sns:us-east-1:123456789012:other"}),
+            "Deny for one principal": lambda deny, allow: deny.update(
+                Principal={"AWS": "arn:aws:iam::123456789012:root"}),
+            "Deny of another action": lambda deny, allow: deny.update(Action="sqs:ReceiveMessage"),
+            "Allow to every principal": lambda deny, allow: allow.update(Principal="*"),
+            "Allow without aws:SourceArn": lambda deny, allow: allow.pop("Condition"),
+        }
+        for what, mutate in breaks.items():
+            with self.subTest(broken=what):
+                policy = self.fixture("gateway-queue-policy.json")
+                allow, deny = policy["Statement"]
+                mutate(deny, allow)
+                self.assertNotEqual(chorus_rules.queue_policy_problems(policy), [], what)
 
 
 class IamPolicies(unittest.TestCase):
