@@ -350,6 +350,7 @@ impl<T: Table> Shared<T> {
                 take_batch(&mut state.queue, &room.id)
             };
             let mut pending = batch;
+            // On failure `pending` holds the sends not yet answered.
             if let Err(e) = shared.commit(&room, &mut pending).await {
                 tracing::warn!(room = %room.id, error.message = %e, messages = pending.len(), "commit failed");
                 let mut state = room.lock();
@@ -401,6 +402,10 @@ impl<T: Table> Shared<T> {
                 && self.reserve(room, next, last, reserved).await? == Put::Lost
             {
                 // The marker moved under us: the view was refreshed, start over.
+                races += 1;
+                if races >= MAX_RACES {
+                    return Err(self.contention(room, races));
+                }
                 continue;
             }
 
@@ -449,14 +454,18 @@ impl<T: Table> Shared<T> {
                     races += 1;
                     tracing::debug!(room = %room.id, %next, races, "lost the race for a seq: catching up");
                     if races >= MAX_RACES {
-                        return Err(StoreError::Contention {
-                            room: room.id.clone(),
-                            reason: format!("lost the race for its next seq {races} times"),
-                        });
+                        return Err(self.contention(room, races));
                     }
                     self.catch_up(room).await?;
                 }
             }
+        }
+    }
+
+    fn contention(&self, room: &Room, races: u32) -> StoreError {
+        StoreError::Contention {
+            room: room.id.clone(),
+            reason: format!("lost the race for its next seqs {races} times in a row"),
         }
     }
 

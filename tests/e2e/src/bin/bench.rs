@@ -1,6 +1,6 @@
 //! `chorus-bench publisher`: the publisher's cost per message, against the emulator.
 //!
-//! Writes 1 KB messages over 50 rooms through the real store (so the stream holds what production
+//! Writes 1 KB messages (`--body-bytes`) over 50 rooms through the real store (so the stream holds what production
 //! streams hold: items of one or more messages, and each room's marker), reads the stream back as
 //! Lambda records, and runs them through the handler at Lambda batch sizes 100 and 1,000:
 //! - against the emulator's SNS, counting calls and bytes (the bill);
@@ -35,11 +35,14 @@ use clap::Parser as _;
 enum Bench {
     /// The publisher: SNS calls and bytes per message, handler CPU per record.
     Publisher {
-        /// Messages to write (1 KB each).
+        /// Messages to write.
         #[arg(long, default_value_t = 1000)]
         messages: usize,
         #[arg(long, default_value_t = 50)]
         rooms: usize,
+        /// Body size of each message.
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
         /// Timed repetitions of the CPU measurement.
         #[arg(long, default_value_t = 20)]
         rounds: usize,
@@ -66,8 +69,9 @@ async fn main() -> ExitCode {
         Bench::Publisher {
             messages,
             rooms,
+            body_bytes,
             rounds,
-        } => publisher(messages, rooms, rounds).await,
+        } => publisher(messages, rooms, body_bytes, rounds).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,19 +82,24 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn publisher(messages: usize, rooms: usize, rounds: usize) -> anyhow::Result<()> {
+async fn publisher(
+    messages: usize,
+    rooms: usize,
+    body_bytes: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
     let aws = aws().await;
     let name = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let stream_arn = ensure_table(&aws_sdk_dynamodb::Client::new(&aws), &name).await?;
     let topic_arn = ensure_topic(&aws_sdk_sns::Client::new(&aws), &name).await?;
 
-    // 1 KB bodies, round-robin over the rooms, 16 writers at once.
+    // Round-robin over the rooms, 16 writers at once.
     let started = Instant::now();
     let store = Arc::new(DynamoStore::new(
         DynamoTable::new(aws_sdk_dynamodb::Client::new(&aws), &name),
         Settings::default(),
     ));
-    let body = "x".repeat(1024);
+    let body = "x".repeat(body_bytes);
     let next = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
     for _ in 0..16 {
@@ -116,7 +125,7 @@ async fn publisher(messages: usize, rooms: usize, rounds: usize) -> anyhow::Resu
         writer.await??;
     }
     println!(
-        "bench: wrote {messages} messages of 1 KB over {rooms} rooms in {:.1}s",
+        "bench: wrote {messages} messages of {body_bytes} bytes over {rooms} rooms in {:.1}s",
         started.elapsed().as_secs_f64()
     );
 
