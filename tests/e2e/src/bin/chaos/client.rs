@@ -427,7 +427,7 @@ impl Driver {
         mut self,
         mut heads: watch::Receiver<Option<HashMap<RoomId, u64>>>,
     ) -> anyhow::Result<ClientReport> {
-        self.status("done sending; waiting for the final heads");
+        self.status(IDLE);
         let targets: Vec<(RoomId, u64)> = loop {
             if let Some(heads) = heads.borrow().as_ref() {
                 break self.plan.rooms().map(|r| (r.clone(), heads[r])).collect();
@@ -467,6 +467,9 @@ impl Driver {
         Ok(self.report)
     }
 }
+
+/// The board's line of a client that has done its part and waits for the final heads.
+pub(crate) const IDLE: &str = "done; waiting for the final heads";
 
 /// Paces a sender: message `n` not before this instant.
 fn pace(shared: &Shared, profile: &Profile, n: usize, of: usize) -> Instant {

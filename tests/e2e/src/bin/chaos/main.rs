@@ -53,7 +53,7 @@ use tokio::sync::{Barrier, watch};
 use tokio::time::Instant;
 
 use crate::check::{Verdict, read_history};
-use crate::client::{ClientReport, Plan, Role, Shared, driver_name, run_client};
+use crate::client::{ClientReport, IDLE, Plan, Role, Shared, driver_name, run_client};
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -482,11 +482,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             watchdog.as_secs(),
             shared.acked.load(Ordering::Relaxed)
         );
+        let mut idle = Vec::new();
         for (i, line) in shared.board.lock().expect("board lock").iter().enumerate() {
-            if !line.ends_with("finished") {
+            if line.ends_with(IDLE) {
+                idle.push(driver_name(i));
+            } else if !line.ends_with("finished") {
                 let at = shared.positions[i].load(Ordering::Relaxed);
                 println!("chaos:   {line} [at seq {at} of its room]");
             }
+        }
+        if !idle.is_empty() {
+            println!(
+                "chaos:   ({} done, waiting for the final heads: {})",
+                idle.len(),
+                idle.join(", ")
+            );
         }
         true
     };
