@@ -11,6 +11,8 @@
 //!   is joined as the user asked: plain (live messages from now on) or with the `since` the user
 //!   gave for history. So a message sent while the client was away is received once, and nothing
 //!   already received is replayed.
+//! - **When history has expired** (`history_expired` answers a join with `since`), the session
+//!   passes the error on (it names what was lost) and joins the room again without `since`.
 //! - **Sends until acked.** A send is kept until its `ack` arrives; after a reconnect it is sent
 //!   again, with the same id, once its room is joined on the new connection (the writer stores a
 //!   retried id once). An `unavailable` or `rate_limited` answer retries it after a backoff.
@@ -576,8 +578,9 @@ impl Session {
             ServerFrame::Error {
                 code,
                 reference: None,
+                room,
                 ..
-            } => self.on_request_error(*code),
+            } => self.on_request_error(*code, room.as_ref()),
         }
     }
 
@@ -604,15 +607,19 @@ impl Session {
         }
     }
 
-    /// An error without a send id answers the join in flight, or a leave of a room the gateway
-    /// did not have (answers come in the order the requests were sent).
-    fn on_request_error(&mut self, code: ErrorCode) {
+    /// An error without a send id answers the join in flight (a failed join names its room),
+    /// or a leave of a room the gateway did not have (answers come in the order the requests
+    /// were sent).
+    fn on_request_error(&mut self, code: ErrorCode, named: Option<&RoomId>) {
         if code == ErrorCode::NotJoined {
             if let Some(room) = self.leaves.pop_front()
                 && let Some(state) = self.rooms.get_mut(&room)
             {
                 state.leaving = false;
             }
+            return;
+        }
+        if named.is_some_and(|named| self.joining.as_ref() != Some(named)) {
             return;
         }
         let Some(room) = self.joining.take() else {
@@ -622,6 +629,16 @@ impl Session {
             ErrorCode::Unavailable | ErrorCode::RateLimited => {
                 self.join_failures += 1;
                 self.join_retry_at = Some(Instant::now() + self.delay(self.join_failures));
+                self.join_queue.push_front(room);
+            }
+            // The store no longer holds everything after `since`: nothing was replayed. As the
+            // README says, the caller tells the user (it sees the frame, which names the oldest
+            // seq kept) and the session joins again without `since`: live from now on.
+            ErrorCode::HistoryExpired => {
+                if let Some(state) = self.rooms.get_mut(&room) {
+                    state.position = None;
+                    state.requested = None;
+                }
                 self.join_queue.push_front(room);
             }
             // Forbidden, a room limit, or a code this client does not know: the join is not

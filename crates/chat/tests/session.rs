@@ -329,3 +329,29 @@ async fn after_a_reconnect_rooms_are_joined_again_one_at_a_time_in_the_order_fir
         ]
     );
 }
+
+#[tokio::test]
+async fn when_history_has_expired_the_error_is_passed_on_and_the_room_joined_again_live() {
+    let fake = FakeGateway::start().await;
+    fake.post(&lobby(), &["1", "2"]);
+    let mut session = session(&fake);
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    // Away while messages 3..=6 are posted and 1..=5 expire.
+    fake.close_all_then_post(4000, &lobby(), &["3", "4", "5", "6"]);
+    fake.expire_up_to(5);
+    let events = events_until(&mut session, is_joined).await;
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::Frame(ServerFrame::Error { code: ErrorCode::HistoryExpired, room: Some(r), .. }) if *r == lobby()
+        )),
+        "{events:?}"
+    );
+    assert!(message_seqs(&events).is_empty(), "{events:?}");
+    assert_eq!(session.position(&lobby()), Some(Seq(6)));
+    assert_eq!(
+        joins(&fake.received()),
+        [(0, None), (1, Some(Seq(2))), (1, None)]
+    );
+}

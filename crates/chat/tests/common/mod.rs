@@ -48,6 +48,9 @@ struct State {
     send_policy: Option<SendPolicy>,
     /// Joins are left unanswered (the connection is then dropped by the test).
     hold_joins: bool,
+    /// Messages up to this seq are no longer stored: a join with an older `since` gets
+    /// `history_expired`.
+    expired_up_to: u64,
 }
 
 struct Conn {
@@ -165,7 +168,17 @@ impl FakeGateway {
                 }
                 let log = state.rooms.entry(room.clone()).or_default().clone();
                 let head = log.len() as u64;
+                let expired = state.expired_up_to;
                 let c = state.conns.get_mut(&conn).unwrap();
+                if since.is_some_and(|since| since.0 < expired) {
+                    let error = ServerFrame::room_error(
+                        chorus_protocol::ErrorCode::HistoryExpired,
+                        format!("messages up to {expired} are no longer stored"),
+                        room,
+                    );
+                    let _ = c.out.send(Out::Frame(error));
+                    return;
+                }
                 if let Some(since) = since {
                     for m in log.iter().filter(|m| m.seq > since) {
                         let _ = c.out.send(Out::Frame(ServerFrame::Message(m.clone())));
@@ -257,6 +270,11 @@ impl FakeGateway {
 
     pub(crate) fn set_send_policy(&self, policy: SendPolicy) {
         self.state.lock().unwrap().send_policy = Some(policy);
+    }
+
+    /// From now on, messages up to `seq` count as no longer stored.
+    pub(crate) fn expire_up_to(&self, seq: u64) {
+        self.state.lock().unwrap().expired_up_to = seq;
     }
 
     pub(crate) fn hold_joins(&self, hold: bool) {

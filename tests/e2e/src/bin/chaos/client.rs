@@ -137,7 +137,6 @@ pub(crate) struct ClientReport {
     pub(crate) retried_errors: BTreeMap<String, usize>,
     /// Quiet sender: seconds from a burst's last ack until every member had it.
     pub(crate) repairs: Vec<f64>,
-    pub(crate) unrepaired: Vec<u64>,
 }
 
 /// A client: its session and its record.
@@ -428,7 +427,7 @@ impl Driver {
         mut self,
         mut heads: watch::Receiver<Option<HashMap<RoomId, u64>>>,
     ) -> anyhow::Result<ClientReport> {
-        self.status("done sending; waiting for the final heads");
+        self.status(IDLE);
         let targets: Vec<(RoomId, u64)> = loop {
             if let Some(heads) = heads.borrow().as_ref() {
                 break self.plan.rooms().map(|r| (r.clone(), heads[r])).collect();
@@ -468,6 +467,9 @@ impl Driver {
         Ok(self.report)
     }
 }
+
+/// The board's line of a client that has done its part and waits for the final heads.
+pub(crate) const IDLE: &str = "done; waiting for the final heads";
 
 /// Paces a sender: message `n` not before this instant.
 fn pace(shared: &Shared, profile: &Profile, n: usize, of: usize) -> Instant {
@@ -709,7 +711,7 @@ async fn slow_consumers(metrics: &str) -> Option<u64> {
 
 /// Sends bursts; the fault layer drops each burst's last message at gateway-0, which comes after
 /// a silence of `--quiet-pause-ms`. After it, the room stays quiet until every quiet client has
-/// that message, at most `--repair-timeout-secs`.
+/// that message.
 async fn quiet_sender(driver: &mut Driver, args: &Args, profile: &Profile) -> anyhow::Result<()> {
     let members = driver.shared.quiet_clients.clone();
     for burst in 0..profile.quiet_bursts {
@@ -732,35 +734,28 @@ async fn quiet_sender(driver: &mut Driver, args: &Args, profile: &Profile) -> an
         if target % args.quiet_burst_len as u64 != 0 {
             bail!("quiet room: burst ended at seq {target}, which the drop rule does not name");
         }
+        // No clock decides here: a gateway that never finds the lost message leaves the room
+        // waiting, and once everything else is done the progress watchdog fails the run naming
+        // this wait. How long the repair took is reported.
         let acked = Instant::now();
-        let deadline = acked + Duration::from_secs(args.repair_timeout_secs);
-        driver.status(format_args!(
-            "burst {}: waiting until every quiet member has seq {target}",
-            burst + 1
-        ));
         loop {
-            let behind: Vec<usize> = members
+            let behind: Vec<String> = members
                 .iter()
-                .copied()
-                .filter(|i| driver.shared.positions[*i].load(Ordering::Relaxed) < target)
+                .map(|i| (*i, driver.shared.positions[*i].load(Ordering::Relaxed)))
+                .filter(|(_, at)| *at < target)
+                .map(|(i, at)| format!("{} at {at}", driver_name(i)))
                 .collect();
             if behind.is_empty() {
                 driver.report.repairs.push(acked.elapsed().as_secs_f64());
                 break;
             }
-            if Instant::now() >= deadline {
-                println!(
-                    "chaos: quiet room: seq {target} not delivered to {} within {} s of its ack",
-                    behind
-                        .iter()
-                        .map(|i| driver_name(*i))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    args.repair_timeout_secs
-                );
-                driver.report.unrepaired.push(target);
-                break;
-            }
+            driver.status(format_args!(
+                "burst {}: waiting until every quiet member has seq {target} (its notification \
+                 was dropped at gateway-0 {:.0} s ago; {})",
+                burst + 1,
+                acked.elapsed().as_secs_f64(),
+                behind.join(", ")
+            ));
             driver
                 .read_until(Instant::now() + Duration::from_millis(50))
                 .await?;

@@ -14,8 +14,8 @@
 //!   resumes;
 //! - **the quiet room**: its clients sit on gateway-0, whose fault layer drops the notification
 //!   of every burst's last message, sent after a few seconds of silence; the room then stays
-//!   silent until every member has that message (the gateway's tail check must find it) or the
-//!   repair timeout passes.
+//!   silent until every member has that message (only the gateway's tail check can find it; if
+//!   it never does, the progress watchdog ends the run naming this wait).
 //!
 //! Faults, driven by the share of messages acked (once per cycle): a gateway drained (SIGTERM)
 //! and replaced, writer-1 killed (SIGKILL) and restarted, a gateway killed (SIGKILL, its
@@ -53,7 +53,7 @@ use tokio::sync::{Barrier, watch};
 use tokio::time::Instant;
 
 use crate::check::{Verdict, read_history};
-use crate::client::{ClientReport, Plan, Role, Shared, driver_name, run_client};
+use crate::client::{ClientReport, IDLE, Plan, Role, Shared, driver_name, run_client};
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -117,9 +117,6 @@ pub(crate) struct Args {
     /// Members of the quiet room besides its sender, all on gateway-0.
     #[arg(long, default_value_t = 3)]
     pub(crate) quiet_members: usize,
-    /// How long a quiet room may take to deliver a burst's dropped last message to every member.
-    #[arg(long, default_value_t = 30)]
-    pub(crate) repair_timeout_secs: u64,
     #[arg(long, default_value_t = 0.10)]
     pub(crate) duplicate: f64,
     #[arg(long, default_value_t = 0.10)]
@@ -203,7 +200,8 @@ impl Profile {
     /// `--long`: ≥ 20,000 messages over ≥ 15 minutes.
     fn long() -> Profile {
         Profile {
-            rooms: 4,
+            // Many rooms: the emulator's history reads cost in proportion to a room's size.
+            rooms: 12,
             senders: 16,
             churners: 8,
             messages_per_sender: 900,
@@ -490,11 +488,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             watchdog.as_secs(),
             shared.acked.load(Ordering::Relaxed)
         );
+        let mut idle = Vec::new();
         for (i, line) in shared.board.lock().expect("board lock").iter().enumerate() {
-            if !line.ends_with("finished") {
+            if line.ends_with(IDLE) {
+                idle.push(driver_name(i));
+            } else if !line.ends_with("finished") {
                 let at = shared.positions[i].load(Ordering::Relaxed);
                 println!("chaos:   {line} [at seq {at} of its room]");
             }
+        }
+        if !idle.is_empty() {
+            println!(
+                "chaos:   ({} done, waiting for the final heads: {})",
+                idle.len(),
+                idle.join(", ")
+            );
         }
         true
     };
@@ -609,7 +617,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         stats.dropped.load(Ordering::Relaxed),
         stats.dropped_by_rule.load(Ordering::Relaxed),
     );
-    verdict.problems.extend(summarize(&finished, &args));
+    summarize(&finished);
     println!(
         "chaos: ghosts: {ghosts} ({ghost_note}) on {} live gateways",
         live_gateways.len()
@@ -760,9 +768,8 @@ async fn ghosts(
     }
 }
 
-/// What the scenarios did, one line each; returns the checks that failed.
-fn summarize(reports: &[ClientReport], args: &Args) -> Vec<String> {
-    let mut problems = Vec::new();
+/// What the scenarios did, one line each.
+fn summarize(reports: &[ClientReport]) {
     let sum = |f: &dyn Fn(&ClientReport) -> usize| reports.iter().map(f).sum::<usize>();
     let of_role = |role: Role| reports.iter().filter(move |r| r.role == Some(role));
     let mut closes: BTreeMap<String, usize> = BTreeMap::new();
@@ -824,23 +831,12 @@ fn summarize(reports: &[ClientReport], args: &Args) -> Vec<String> {
         .flat_map(|r| r.repairs.iter().copied())
         .collect();
     repairs.sort_by(f64::total_cmp);
-    let unrepaired: Vec<u64> = of_role(Role::QuietSender)
-        .flat_map(|r| r.unrepaired.iter().copied())
-        .collect();
     if let (Some(first), Some(last)) = (repairs.first(), repairs.last()) {
         println!(
-            "chaos: quiet room: {} bursts, each one's last message dropped at gateway-0; delivered to every member {first:.1}–{last:.1} s after its ack (median {:.1} s); not within {} s: {unrepaired:?}",
-            repairs.len() + unrepaired.len(),
+            "chaos: quiet room: {} bursts, each one's last message dropped at gateway-0 after a \
+             silence; every member had it {first:.1}–{last:.1} s after its ack (median {:.1} s)",
+            repairs.len(),
             repairs[repairs.len() / 2],
-            args.repair_timeout_secs
         );
     }
-    if !unrepaired.is_empty() {
-        problems.push(format!(
-            "quiet room: the dropped last message of {} bursts (seqs {unrepaired:?}) did not reach every member within {} s",
-            unrepaired.len(),
-            args.repair_timeout_secs
-        ));
-    }
-    problems
 }
