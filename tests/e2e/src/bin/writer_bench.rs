@@ -214,13 +214,30 @@ async fn run_design(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();
+    // The writer wants a service token, as in production: a gateway's, from a key of this run.
+    let keys = chorus_service::service_auth::ServiceKeys::from_secrets(&[uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .repeat(2)
+        .into_bytes()])?;
+    let token = keys.mint(
+        &chorus_service::service_auth::Grant::gateway("writer-bench"),
+        Duration::from_secs(24 * 3600),
+    );
     let server = tokio::spawn(chorus_writer::run(
         listener,
         Arc::clone(&store),
+        Arc::new(keys),
         stop.clone().cancelled_owned(),
     ));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .default_headers(headers)
         .build()?;
     let sender = Sender {
         http,
