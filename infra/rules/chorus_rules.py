@@ -573,3 +573,66 @@ class QueuesOnlyFromTheTopic(_Rule):
             for name, policy in self._each(cfn, "AWS::SQS::QueuePolicy")
             for problem in queue_policy_problems(_props(policy).get("PolicyDocument"))
         ]
+
+
+def _sub_variables(resource):
+    """The variable map of a launch template's user data (the second item of a list Fn::Sub)."""
+    data = _props(resource).get("LaunchTemplateData", {}).get("UserData", {})
+    inner = data.get("Fn::Base64", data) if isinstance(data, dict) else data
+    sub = inner.get("Fn::Sub") if isinstance(inner, dict) else None
+    return sub[1] if isinstance(sub, list) and len(sub) > 1 and isinstance(sub[1], dict) else {}
+
+
+def _never_empty(cfn, value):
+    """Whether a Sub variable's value is non-empty on every stack: the stack's name, a parameter
+    that cannot be empty, or an Fn::If choosing a parameter only when it is not empty."""
+    parameters = cfn.template.get("Parameters", {})
+    ref = _ref(value)
+    if ref == "AWS::StackName":
+        return True
+    if ref in parameters:
+        p = parameters[ref]
+        return int(p.get("MinLength", 0)) >= 1 and str(p.get("Default", "x")) != ""
+    if isinstance(value, dict) and isinstance(value.get("Fn::If"), list) and len(value["Fn::If"]) == 3:
+        condition, then, otherwise = value["Fn::If"]
+        guard = (cfn.template.get("Conditions") or {}).get(condition) or {}
+        negated = guard.get("Fn::Not") if isinstance(guard, dict) else None
+        tested = negated[0].get("Fn::Equals") if negated and isinstance(negated[0], dict) else None
+        guarded = (
+            _ref(then) in parameters
+            and isinstance(tested, list)
+            and sorted(map(_key, tested)) == sorted(map(_key, [{"Ref": _ref(then)}, ""]))
+        )
+        return (guarded or _never_empty(cfn, then)) and _never_empty(cfn, otherwise)
+    return False
+
+
+class ClientTokensNameAudienceAndIssuer(_Rule):
+    id = "E9016"
+    shortdesc = "Gateways of the stack check the aud and iss of client tokens"
+    description = (
+        "The gateway user data passes CHORUS_JWT_AUDIENCE and CHORUS_JWT_ISSUER to the bootstrap, "
+        "each from a value that is never empty (a parameter with a non-empty default and "
+        "MinLength 1, the stack's name, or a parameter used only when it is set)."
+    )
+
+    def match(self, cfn):
+        import re
+
+        matches = []
+        lt = cfn.template.get("Resources", {}).get("GatewayLaunchTemplate", {})
+        data = _user_data(lt)
+        variables = _sub_variables(lt)
+        for setting in ("CHORUS_JWT_AUDIENCE", "CHORUS_JWT_ISSUER"):
+            found = re.search(rf"^\s*{setting}=\$\{{([^}}]+)\}}\s*$", data, re.M)
+            name = found.group(1) if found else None
+            value = variables.get(name, {"Ref": name}) if name else None
+            if value is None or not _never_empty(cfn, value):
+                matches.append(
+                    RuleMatch(
+                        ["Resources", "GatewayLaunchTemplate"],
+                        f"GatewayLaunchTemplate: {setting} is not set from a value that is never "
+                        "empty: gateways would accept client tokens for any audience or issuer",
+                    )
+                )
+        return matches

@@ -34,6 +34,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "infra" / "chorus.yaml"
 BUCKET = "chorus-artifacts"
 PREFIX = "chorus/0123abc/arm64"
+# Not "chorus": the stack's name is the default issuer of client tokens, "chorus" their default audience.
+STACK = "chorus-test"
 # Resource types the emulator's CloudFormation accepts but does not create.
 EMULATOR_SKIPS = {
     "AWS::EC2::VPCEndpoint",
@@ -90,16 +92,16 @@ class EmulatorStack(unittest.TestCase):
         }
         cfn = client("cloudformation")
         cfn.create_stack(
-            StackName="chorus",
+            StackName=STACK,
             TemplateBody=TEMPLATE.read_text(),
             Capabilities=["CAPABILITY_IAM"],
             Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
         )
-        cls.stack = cfn.describe_stacks(StackName="chorus")["Stacks"][0]
+        cls.stack = cfn.describe_stacks(StackName=STACK)["Stacks"][0]
         cls.outputs = {o["OutputKey"]: o["OutputValue"] for o in cls.stack.get("Outputs", [])}
         cls.resources = {
             r["LogicalResourceId"]: r
-            for r in cfn.list_stack_resources(StackName="chorus")["StackResourceSummaries"]
+            for r in cfn.list_stack_resources(StackName=STACK)["StackResourceSummaries"]
         }
 
     @classmethod
@@ -135,9 +137,22 @@ class EmulatorStack(unittest.TestCase):
             attributes = self.aws("sqs").get_queue_attributes(
                 QueueUrl=self.outputs[output], AttributeNames=["All"])["Attributes"]
             self.assertEqual(attributes.get("SqsManagedSseEnabled"), "true", output)
-        groups = self.aws("logs").describe_log_groups(logGroupNamePrefix="/chorus/chorus/")["logGroups"]
+        groups = self.aws("logs").describe_log_groups(logGroupNamePrefix=f"/chorus/{STACK}/")["logGroups"]
         self.assertEqual(len(groups), 4)
         self.assertTrue(all(g.get("retentionInDays") == 30 for g in groups), groups)
+
+    def user_data(self, logical):
+        import base64
+
+        versions = self.aws("ec2").describe_launch_template_versions(
+            LaunchTemplateId=self.physical(logical))["LaunchTemplateVersions"]
+        return base64.b64decode(versions[-1]["LaunchTemplateData"]["UserData"]).decode()
+
+    def test_gateways_check_the_audience_and_issuer_of_client_tokens(self):
+        # The defaults: audience "chorus", issuer the stack's name (the emulator resolves the Fn::If).
+        data = self.user_data("GatewayLaunchTemplate")
+        self.assertIn("\nCHORUS_JWT_AUDIENCE=chorus\n", data)
+        self.assertIn(f"\nCHORUS_JWT_ISSUER={STACK}\n", data)
 
     def test_the_stream_is_retried_until_success(self):
         lam = self.aws("lambda")

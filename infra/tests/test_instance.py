@@ -105,31 +105,39 @@ class LifecycleWatcher(unittest.TestCase):
 
 
 class Bootstrap(unittest.TestCase):
-    def render(self, drain):
+    GATEWAY = {
+        "CHORUS_ROLE": "gateway",
+        "CHORUS_STACK": "chorus",
+        "CHORUS_STACK_RESOURCE": "GatewayGroup",
+        "CHORUS_REGION": "us-east-1",
+        "CHORUS_ARTIFACTS": "s3://bucket/chorus/abc/arm64",
+        "CHORUS_ASG": "chorus-gateways",
+        "CHORUS_TARGET_GROUP_ARN": TARGET_GROUP,
+        "CHORUS_TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:chorus-messages",
+        "CHORUS_WRITER_URL": "http://internal-writer.example",
+        "CHORUS_DRAIN_TIMEOUT_SECS": "30",
+        "CHORUS_JWT_SECRET_PARAMETER": "/chorus/jwt-secret",
+        "CHORUS_JWT_AUDIENCE": "chorus",
+        "CHORUS_JWT_ISSUER": "chorus",
+        "CHORUS_LOG_GROUP": "/chorus/chorus/gateway",
+    }
+
+    def run_bootstrap(self, settings):
+        """chorus-bootstrap in render mode on an env file of `settings` (None values left out)."""
         directory = pathlib.Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, directory)
         env_file = directory / "bootstrap.env"
-        env_file.write_text(
-            "\n".join(
-                [
-                    "CHORUS_ROLE=gateway",
-                    "CHORUS_STACK=chorus",
-                    "CHORUS_STACK_RESOURCE=GatewayGroup",
-                    "CHORUS_REGION=us-east-1",
-                    "CHORUS_ARTIFACTS=s3://bucket/chorus/abc/arm64",
-                    "CHORUS_ASG=chorus-gateways",
-                    f"CHORUS_TARGET_GROUP_ARN={TARGET_GROUP}",
-                    "CHORUS_TOPIC_ARN=arn:aws:sns:us-east-1:123456789012:chorus-messages",
-                    "CHORUS_WRITER_URL=http://internal-writer.example",
-                    f"CHORUS_DRAIN_TIMEOUT_SECS={drain}",
-                    "CHORUS_JWT_SECRET_PARAMETER=/chorus/jwt-secret",
-                    "CHORUS_LOG_GROUP=/chorus/chorus/gateway",
-                ]
-            )
-            + "\n"
-        )
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items() if v is not None))
         out = directory / "root"
-        subprocess.run([str(BOOTSTRAP), str(env_file)], env={**os.environ, "CHORUS_RENDER_ONLY": str(out)}, check=True)
+        result = subprocess.run(
+            [str(BOOTSTRAP), str(env_file)], env={**os.environ, "CHORUS_RENDER_ONLY": str(out)},
+            capture_output=True, text=True,
+        )
+        return result, out
+
+    def render(self, drain=30, **changes):
+        result, out = self.run_bootstrap({**self.GATEWAY, "CHORUS_DRAIN_TIMEOUT_SECS": str(drain), **changes})
+        self.assertEqual(result.returncode, 0, result.stderr)
         return out
 
     def test_stop_timeout_is_derived_from_the_drain(self):
@@ -148,6 +156,21 @@ class Bootstrap(unittest.TestCase):
                 self.assertLess(stop + 5, 300)
                 lifecycle = (root / "etc/chorus/lifecycle.env").read_text()
                 self.assertIn(f"CHORUS_TARGET_GROUP_ARN={TARGET_GROUP}\n", lifecycle)
+
+    def test_client_tokens_must_name_the_stacks_audience_and_issuer(self):
+        root = self.render(CHORUS_JWT_AUDIENCE="chorus", CHORUS_JWT_ISSUER="chorus-staging")
+        env = (root / "etc/chorus/gateway.env").read_text()
+        self.assertIn("CHORUS_JWT_AUDIENCE=chorus\n", env)
+        self.assertIn("CHORUS_JWT_ISSUER=chorus-staging\n", env)
+
+    def test_a_gateway_without_audience_or_issuer_is_not_set_up(self):
+        for missing in ("CHORUS_JWT_AUDIENCE", "CHORUS_JWT_ISSUER"):
+            for value in (None, ""):
+                with self.subTest(missing=missing, value=value):
+                    result, root = self.run_bootstrap({**self.GATEWAY, missing: value})
+                    self.assertNotEqual(result.returncode, 0)
+                    self.assertIn("client tokens need an", result.stderr)
+                    self.assertFalse((root / "etc/chorus/gateway.env").exists())
 
     def test_cloudwatch_agent_config_ships_logs_and_the_scaling_metric(self):
         import json

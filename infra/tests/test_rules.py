@@ -56,8 +56,14 @@ def user_data(t, name):
 def replace_in_user_data(name, old, new):
     def mutate(t):
         data = user_data(t, name)
-        assert old in data["Fn::Sub"], old
-        data["Fn::Sub"] = data["Fn::Sub"].replace(old, new)
+        sub = data["Fn::Sub"]
+        text = sub[0] if isinstance(sub, list) else sub
+        assert old in text, old
+        text = text.replace(old, new)
+        if isinstance(sub, list):
+            sub[0] = text
+        else:
+            data["Fn::Sub"] = text
 
     return mutate
 
@@ -194,6 +200,14 @@ BREAKS = [
          Condition={"ArnNotEquals": {"aws:SourceArn": {"Fn::Sub": "${MessagesTopic}-old"}}}))),
     ("E9015", "the Deny covers one principal only",
      add_resource("TopicQueuePolicy", topic_queue_policy(Principal={"AWS": {"Ref": "AWS::AccountId"}}))),
+    ("E9016", "client tokens for any audience",
+     replace_in_user_data("GatewayLaunchTemplate", "CHORUS_JWT_AUDIENCE=${ClientTokenAudience}\n", "")),
+    ("E9016", "an audience that may be empty", lambda t: t["Parameters"]["ClientTokenAudience"].update(Default="")),
+    ("E9016", "client tokens from any issuer",
+     replace_in_user_data("GatewayLaunchTemplate", "CHORUS_JWT_ISSUER=${ClientTokenIssuerOrStack}\n", "")),
+    ("E9016", "the issuer parameter used even when empty",
+     replace_in_user_data("GatewayLaunchTemplate", "CHORUS_JWT_ISSUER=${ClientTokenIssuerOrStack}",
+                          "CHORUS_JWT_ISSUER=${ClientTokenIssuer}")),
     ("E9014", "ws:// advertised", lambda t: t["Outputs"]["GatewayUrl"].update(Value={"Fn::Sub": "ws://${GatewayAlb.DNSName}/ws"})),
 ]
 
