@@ -636,3 +636,47 @@ class ClientTokensNameAudienceAndIssuer(_Rule):
                     )
                 )
         return matches
+
+
+class ServiceKeyFromSsm(_Rule):
+    id = "E9017"
+    shortdesc = "Gateways and writers share the service key from SSM, and read nothing else there"
+    description = (
+        "Parameter ServiceKeyParameter names an SSM parameter by default; the gateway and writer "
+        "user data pass CHORUS_SERVICE_KEY_PARAMETER and CHORUS_SECOND_SERVICE_KEY_PARAMETER to "
+        "the bootstrap; GatewayRole and WriterRole may ssm:GetParameter exactly "
+        "parameter${ServiceKeyParameter} and parameter${SecondServiceKeyParameter} (and the "
+        "gateways the client-token secret), never a wildcard."
+    )
+    roles = {"GatewayLaunchTemplate": "GatewayRole", "WriterLaunchTemplate": "WriterRole"}
+    key_arns = ("parameter${ServiceKeyParameter}", "parameter${SecondServiceKeyParameter}")
+
+    def match(self, cfn):
+        matches = []
+        resources = cfn.template.get("Resources", {})
+        default = str((cfn.template.get("Parameters", {}).get("ServiceKeyParameter") or {}).get("Default", ""))
+        if not default.startswith("/"):
+            matches.append(RuleMatch(["Parameters", "ServiceKeyParameter"], "ServiceKeyParameter must name an SSM parameter by default"))
+        for lt_name, role_name in self.roles.items():
+            data = _user_data(resources.get(lt_name, {}))
+            for setting, parameter in (
+                ("CHORUS_SERVICE_KEY_PARAMETER", "ServiceKeyParameter"),
+                ("CHORUS_SECOND_SERVICE_KEY_PARAMETER", "SecondServiceKeyParameter"),
+            ):
+                if f"{setting}=${{{parameter}}}\n" not in data:
+                    matches.append(RuleMatch(["Resources", lt_name], f"{lt_name}: user data does not pass {setting}=${{{parameter}}}"))
+            granted = []
+            for policy in _props(resources.get(role_name, {})).get("Policies") or []:
+                for s in _as_list((policy.get("PolicyDocument") or {}).get("Statement") or []):
+                    actions = [str(a).lower() for a in _as_list(s.get("Action") or [])]
+                    if s.get("Effect") != "Allow" or not any(a.startswith("ssm:") or a == "*" for a in actions):
+                        continue
+                    for resource in _as_list(s.get("Resource") or []):
+                        text = _key(resource)
+                        if "*" in text:
+                            matches.append(RuleMatch(["Resources", role_name], f"{role_name}: SSM access with a wildcard ({text})"))
+                        granted.append(text)
+            for arn in self.key_arns:
+                if not any(arn in text for text in granted):
+                    matches.append(RuleMatch(["Resources", role_name], f"{role_name}: no ssm:GetParameter on {arn}"))
+        return matches

@@ -25,7 +25,7 @@ PSEUDO = {
     "AWS::StackId": f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{STACK}/0f8e6f20-0000-11ef-9a3b-0a1b2c3d4e5f",
     "AWS::URLSuffix": "amazonaws.com",
 }
-# Values an aws stack gets for the parameters whose defaults are empty.
+# Values an aws stack gets for the parameters whose defaults are empty (a test may add more).
 PARAMETERS = {
     "ArtifactBucket": "chorus-artifacts",
     "ArtifactPrefix": "chorus/0123abc/arm64",
@@ -90,15 +90,43 @@ def _attribute(template, name, attribute):
     return f"{STACK}-{name}-{attribute}"
 
 
+# What Ref AWS::NoValue resolves to: removed from the list or object holding it.
+NO_VALUE = object()
+
+
+def condition(template, name_or_expression):
+    """Evaluates a condition (by name, or an Fn::Equals/Not/And/Or expression) for PARAMETERS."""
+    if isinstance(name_or_expression, str):
+        return condition(template, template["Conditions"][name_or_expression])
+    (key, arg), = name_or_expression.items()
+    if key == "Condition":
+        return condition(template, arg)
+    if key == "Fn::Equals":
+        return resolve(template, arg[0]) == resolve(template, arg[1])
+    if key == "Fn::Not":
+        return not condition(template, arg[0])
+    if key == "Fn::And":
+        return all(condition(template, c) for c in arg)
+    if key == "Fn::Or":
+        return any(condition(template, c) for c in arg)
+    raise ValueError(f"unknown condition function {key}")
+
+
 def resolve(template, value):
-    """Resolves Ref, Fn::GetAtt, Fn::Sub and Fn::Join the way a stack in us-east-1 would."""
+    """Resolves Ref, Fn::GetAtt, Fn::Sub, Fn::Join and Fn::If the way a stack in us-east-1 with
+    PARAMETERS would."""
     if isinstance(value, list):
-        return [resolve(template, v) for v in value]
+        return [r for r in (resolve(template, v) for v in value) if r is not NO_VALUE]
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
         (key, arg), = value.items()
+        if key == "Fn::If":
+            name, then, otherwise = arg
+            return resolve(template, then if condition(template, name) else otherwise)
         if key == "Ref":
+            if arg == "AWS::NoValue":
+                return NO_VALUE
             if arg in PSEUDO:
                 return PSEUDO[arg]
             if arg in template.get("Parameters", {}):
@@ -121,7 +149,7 @@ def resolve(template, value):
             return re.sub(r"\$\{([^}!]+)\}", substitute, text)
         if key == "Fn::Join":
             return arg[0].join(str(resolve(template, v)) for v in arg[1])
-    return {k: resolve(template, v) for k, v in value.items()}
+    return {k: r for k, r in ((k, resolve(template, v)) for k, v in value.items()) if r is not NO_VALUE}
 
 
 def iam_policies(template):

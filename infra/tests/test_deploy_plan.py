@@ -62,7 +62,7 @@ class DeployPlan(unittest.TestCase):
             "--key chorus/", "/publisher.zip", "/janitor.zip", "/chorus-gateway", "/chorus-writer",
             "/instance/chorus-bootstrap", "/instance/chorus-lifecycle-watcher",
             "/systemd/chorus-gateway.service", "/systemd/chorus-lifecycle-watcher.service",
-            "--if-none-match", "ssm put-parameter --name /chorus/jwt-secret",
+            "--if-none-match", "ssm put-parameter --name /chorus/jwt-secret", "4. Service key",
             "aws cloudformation deploy", "--no-fail-on-empty-changeset", "Environment=aws",
             "ArtifactPrefix=chorus/", "Architecture=arm64", "JwtSecretParameter=/chorus/jwt-secret",
             "VpcId=vpc-0123abcd", "--publisher-only",
@@ -71,6 +71,35 @@ class DeployPlan(unittest.TestCase):
         self.assertNotIn("put-object --bucket example-bucket --key chorus/latest", plan)
         # Every upload lands under the release prefix, and nothing is copied over a key.
         self.assertNotIn("aws s3 cp", plan)
+
+    def test_the_service_key_is_created_and_otherwise_left_to_the_stack(self):
+        plan = self.plan()
+        self.assertIn("4. Service key", plan)
+        self.assertIn("ssm put-parameter --name <ServiceKeyParameter of the stack, or /chorus/service-key for a new stack>", plan)
+        # Not given, not overridden: a plain deploy after a rotation keeps the stack's keys (the
+        # CLI reuses a parameter's previous value) instead of going back to the default one.
+        self.assertNotIn("ServiceKeyParameter=", plan)
+
+    def test_a_rotation_creates_the_new_key_and_passes_both(self):
+        steps = {
+            "add": (["--second-service-key-parameter", "/chorus/service-key-2"],
+                    ["/chorus/service-key-2"], ["SecondServiceKeyParameter=/chorus/service-key-2"]),
+            "make it first": (["--service-key-parameter", "/chorus/service-key-2",
+                               "--second-service-key-parameter", "/chorus/service-key"],
+                              ["/chorus/service-key-2", "/chorus/service-key"],
+                              ["ServiceKeyParameter=/chorus/service-key-2", "SecondServiceKeyParameter=/chorus/service-key"]),
+            "remove the old": (["--second-service-key-parameter", ""], [], ["SecondServiceKeyParameter="]),
+        }
+        for step, (args, created, overrides) in steps.items():
+            with self.subTest(step=step):
+                plan = self.plan(*args)
+                deploy = next(line for line in plan.splitlines() if "aws cloudformation deploy" in line).split()
+                for name in created:
+                    self.assertIn(f"ssm put-parameter --name {name} --type SecureString", plan)
+                self.assertEqual([a for a in deploy if "ServiceKeyParameter=" in a], overrides)
+                if step == "remove the old":
+                    self.assertNotIn("SecondServiceKeyParameter of the stack", plan)
+                    self.assertEqual(plan.count("ssm put-parameter"), 2, plan)  # client secret + first key
 
     def test_a_clean_tree_gives_the_same_plan_twice(self):
         first, second = self.plan(), self.plan()

@@ -154,6 +154,15 @@ class EmulatorStack(unittest.TestCase):
         self.assertIn("\nCHORUS_JWT_AUDIENCE=chorus\n", data)
         self.assertIn(f"\nCHORUS_JWT_ISSUER={STACK}\n", data)
 
+    def test_gateways_and_writers_are_told_the_service_key(self):
+        # (Their roles' access to it is checked with parliament on the resolved template: the
+        # emulator keeps an AWS::NoValue in a policy as None where AWS drops it.)
+        for template in ("GatewayLaunchTemplate", "WriterLaunchTemplate"):
+            with self.subTest(template=template):
+                data = self.user_data(template)
+                self.assertIn("\nCHORUS_SERVICE_KEY_PARAMETER=/chorus/service-key\n", data)
+                self.assertIn("\nCHORUS_SECOND_SERVICE_KEY_PARAMETER=\n", data)
+
     def test_the_stream_is_retried_until_success(self):
         lam = self.aws("lambda")
         mappings = lam.list_event_source_mappings(FunctionName=self.outputs["PublisherFunctionName"])["EventSourceMappings"]

@@ -119,7 +119,20 @@ class Bootstrap(unittest.TestCase):
         "CHORUS_JWT_SECRET_PARAMETER": "/chorus/jwt-secret",
         "CHORUS_JWT_AUDIENCE": "chorus",
         "CHORUS_JWT_ISSUER": "chorus",
+        "CHORUS_SERVICE_KEY_PARAMETER": "/chorus/service-key",
+        "CHORUS_SECOND_SERVICE_KEY_PARAMETER": "",
         "CHORUS_LOG_GROUP": "/chorus/chorus/gateway",
+    }
+    WRITER = {
+        "CHORUS_ROLE": "writer",
+        "CHORUS_STACK": "chorus",
+        "CHORUS_STACK_RESOURCE": "WriterGroup",
+        "CHORUS_REGION": "us-east-1",
+        "CHORUS_ARTIFACTS": "s3://bucket/chorus/abc/arm64",
+        "CHORUS_TABLE": "chorus-messages",
+        "CHORUS_SERVICE_KEY_PARAMETER": "/chorus/service-key",
+        "CHORUS_SECOND_SERVICE_KEY_PARAMETER": "",
+        "CHORUS_LOG_GROUP": "/chorus/chorus/writer",
     }
 
     def run_bootstrap(self, settings):
@@ -135,10 +148,23 @@ class Bootstrap(unittest.TestCase):
         )
         return result, out
 
-    def render(self, drain=30, **changes):
-        result, out = self.run_bootstrap({**self.GATEWAY, "CHORUS_DRAIN_TIMEOUT_SECS": str(drain), **changes})
+    def render(self, drain=30, role="gateway", **changes):
+        base = self.GATEWAY if role == "gateway" else self.WRITER
+        settings = {**base, **({"CHORUS_DRAIN_TIMEOUT_SECS": str(drain)} if role == "gateway" else {}), **changes}
+        result, out = self.run_bootstrap(settings)
         self.assertEqual(result.returncode, 0, result.stderr)
         return out
+
+    def service_key_settings(self, root, service):
+        """(credentials loaded, the variable naming the key files, its value) from the unit and
+        the bootstrap's drop-in, in the order systemd applies them."""
+        unit = (ROOT / "infra/systemd" / f"{service}.service").read_text()
+        dropin = (root / f"etc/systemd/system/{service}.service.d/20-service-key.conf").read_text()
+        credentials = re.findall(r"^LoadCredential=(service-key[^:]*):(\S+)$", unit + dropin, re.M)
+        assignments = re.findall(r"^Environment=(CHORUS_(?:SERVICE|WRITER)_KEY_FILE)=(\S+)$", unit + dropin, re.M)
+        variables = {name for name, _ in assignments}
+        self.assertEqual(len(variables), 1, assignments)
+        return credentials, assignments[-1][0], assignments[-1][1]
 
     def test_stop_timeout_is_derived_from_the_drain(self):
         for drain in (5, 30, 240):
@@ -172,6 +198,69 @@ class Bootstrap(unittest.TestCase):
                     self.assertIn("client tokens need an", result.stderr)
                     self.assertFalse((root / "etc/chorus/gateway.env").exists())
 
+    def test_both_services_get_the_service_key_as_a_credential(self):
+        for role, service, variable in (
+            ("gateway", "chorus-gateway", "CHORUS_WRITER_KEY_FILE"),
+            ("writer", "chorus-writer", "CHORUS_SERVICE_KEY_FILE"),
+        ):
+            with self.subTest(role=role, keys="one"):
+                root = self.render(role=role)
+                credentials, name, value = self.service_key_settings(root, service)
+                self.assertEqual(credentials, [("service-key", "/etc/chorus/service-key")])
+                self.assertEqual((name, value), (variable, "%d/service-key"))
+            with self.subTest(role=role, keys="rotation"):
+                root = self.render(role=role, CHORUS_SECOND_SERVICE_KEY_PARAMETER="/chorus/service-key-2")
+                credentials, name, value = self.service_key_settings(root, service)
+                self.assertEqual(credentials, [
+                    ("service-key", "/etc/chorus/service-key"),
+                    ("service-key-second", "/etc/chorus/service-key-second"),
+                ])
+                # The first signs: the stack's ServiceKeyParameter stays first.
+                self.assertEqual((name, value), (variable, "%d/service-key,%d/service-key-second"))
+            # The secrets themselves are never in the service's environment file.
+            env = (root / f"etc/chorus/{role}.env").read_text()
+            self.assertNotIn("KEY_FILE", env)
+
+    def test_the_writer_signs_with_the_first_key_the_drop_in_names(self):
+        """The real writer, given CHORUS_SERVICE_KEY_FILE as the rotation drop-in sets it (with
+        %d the credentials directory, the files as the bootstrap fetches them: the value and a
+        newline), signs backend tokens (mint-token) with ServiceKeyParameter's key."""
+        import base64
+        import hashlib
+        import hmac
+
+        binaries = pathlib.Path(os.environ.get("CHORUS_BIN_DIR", ROOT / "target" / "debug"))
+        if not (binaries / "chorus-writer").exists():
+            self.skipTest(f"no chorus-writer in {binaries} (build it, or set CHORUS_BIN_DIR)")
+        root = self.render(role="writer", CHORUS_SECOND_SERVICE_KEY_PARAMETER="/chorus/service-key-2")
+        _, name, value = self.service_key_settings(root, "chorus-writer")
+        credentials = root / "credentials"
+        credentials.mkdir()
+        keys = {"service-key": base64.b64encode(os.urandom(48)), "service-key-second": base64.b64encode(os.urandom(48))}
+        for file, key in keys.items():
+            (credentials / file).write_bytes(key + b"\n")
+        result = subprocess.run(
+            [str(binaries / "chorus-writer"), "mint-token", "--sub", "billing", "--rooms", "orders-*", "--senders", "billing"],
+            env={**os.environ, name: value.replace("%d", str(credentials))}, capture_output=True, text=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        header, payload, signature = result.stdout.strip().split(".")
+
+        def sign(key):
+            digest = hmac.new(key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+            return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+        self.assertEqual(signature, sign(keys["service-key"]))
+        self.assertNotEqual(signature, sign(keys["service-key-second"]))
+
+    def test_no_instance_is_set_up_without_a_service_key(self):
+        for base in (self.GATEWAY, self.WRITER):
+            with self.subTest(role=base["CHORUS_ROLE"]):
+                result, root = self.run_bootstrap({**base, "CHORUS_SERVICE_KEY_PARAMETER": None})
+                self.assertNotEqual(result.returncode, 0)
+                self.assertIn("service key", result.stderr)
+                self.assertFalse((root / f"etc/chorus/{base['CHORUS_ROLE']}.env").exists())
+
     def test_cloudwatch_agent_config_ships_logs_and_the_scaling_metric(self):
         import json
 
@@ -204,16 +293,20 @@ class Bootstrap(unittest.TestCase):
         binaries = pathlib.Path(os.environ.get("CHORUS_BIN_DIR", ROOT / "target" / "debug"))
         if not (binaries / "chorus-gateway").exists():
             self.skipTest(f"no chorus-gateway in {binaries} (build it, or set CHORUS_BIN_DIR)")
-        root = self.render(30)
+        second = {"CHORUS_SECOND_SERVICE_KEY_PARAMETER": "/chorus/service-key-2"}
+        root = self.render(30, **second)
+        writer_root = self.render(role="writer", **second)
         units = root / "units"
         units.mkdir()
-        for unit in ("chorus-gateway.service", "chorus-lifecycle-watcher.service", "chorus-journal-export@.service"):
+        for unit in ("chorus-gateway.service", "chorus-writer.service", "chorus-lifecycle-watcher.service",
+                     "chorus-journal-export@.service"):
             text = (ROOT / "infra/systemd" / unit).read_text()
             text = text.replace("/usr/local/bin/", f"{binaries}/").replace("/usr/local/sbin/", f"{ROOT}/infra/instance/")
             (units / unit).write_text(text)
         shutil.copytree(root / "etc/systemd/system/chorus-gateway.service.d", units / "chorus-gateway.service.d")
+        shutil.copytree(writer_root / "etc/systemd/system/chorus-writer.service.d", units / "chorus-writer.service.d")
         result = subprocess.run(
-            [analyze, "verify", "chorus-gateway.service", "chorus-lifecycle-watcher.service",
+            [analyze, "verify", "chorus-gateway.service", "chorus-writer.service", "chorus-lifecycle-watcher.service",
              "chorus-journal-export@chorus-gateway.service"],
             cwd=units, capture_output=True, text=True,
         )

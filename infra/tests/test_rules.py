@@ -208,6 +208,18 @@ BREAKS = [
     ("E9016", "the issuer parameter used even when empty",
      replace_in_user_data("GatewayLaunchTemplate", "CHORUS_JWT_ISSUER=${ClientTokenIssuerOrStack}",
                           "CHORUS_JWT_ISSUER=${ClientTokenIssuer}")),
+    ("E9017", "writers cannot read the service key", lambda t: props(t, "WriterRole")["Policies"][0]["PolicyDocument"].update(
+        Statement=[s for s in props(t, "WriterRole")["Policies"][0]["PolicyDocument"]["Statement"] if s.get("Sid") != "ServiceKey"])),
+    ("E9017", "gateways cannot read the second key of a rotation",
+     lambda t: statement(t, "GatewayRole", "ServiceKey")["Resource"].pop()),
+    ("E9017", "gateways may read every parameter under /chorus",
+     lambda t: statement(t, "GatewayRole", "ServiceKey").update(
+         Resource={"Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter/chorus/*"})),
+    ("E9017", "writers not told which key to fetch",
+     replace_in_user_data("WriterLaunchTemplate", "CHORUS_SERVICE_KEY_PARAMETER=${ServiceKeyParameter}\n", "")),
+    ("E9017", "gateways never get the second key of a rotation",
+     replace_in_user_data("GatewayLaunchTemplate", "CHORUS_SECOND_SERVICE_KEY_PARAMETER=${SecondServiceKeyParameter}\n", "")),
+    ("E9017", "no service key by default", lambda t: t["Parameters"]["ServiceKeyParameter"].update(Default="")),
     ("E9014", "ws:// advertised", lambda t: t["Outputs"]["GatewayUrl"].update(Value={"Fn::Sub": "ws://${GatewayAlb.DNSName}/ws"})),
 ]
 
@@ -281,6 +293,28 @@ class IamPolicies(unittest.TestCase):
             with self.subTest(role=role, policy=name):
                 self.assertEqual(tpl.parliament_findings(document), [])
 
+    def test_the_service_key_is_readable_exactly_where_it_is_used(self):
+        """Gateways and writers may read the service key's parameter, and during a rotation the
+        second one, and no other parameter of that name space."""
+        from unittest import mock
+
+        arn = "arn:aws:ssm:us-east-1:123456789012:parameter"
+        cases = {
+            "one key": ({}, [f"{arn}/chorus/service-key"]),
+            "rotation": ({"ServiceKeyParameter": "/chorus/service-key-2", "SecondServiceKeyParameter": "/chorus/service-key"},
+                         [f"{arn}/chorus/service-key-2", f"{arn}/chorus/service-key"]),
+        }
+        for case, (parameters, expected) in cases.items():
+            for role in ("GatewayRole", "WriterRole"):
+                with self.subTest(case=case, role=role), mock.patch.dict(tpl.PARAMETERS, parameters):
+                    template = tpl.load()
+                    documents = [d for r, _, d in tpl.iam_policies(template) if r == role]
+                    keys = [s for d in documents for s in d["Statement"] if s.get("Sid") == "ServiceKey"]
+                    self.assertEqual([k["Resource"] for k in keys], [expected])
+                    self.assertEqual(keys[0]["Action"], "ssm:GetParameter")
+                    for document in documents:
+                        self.assertEqual(tpl.parliament_findings(document), [])
+
     def test_wrongly_scoped_actions_are_found(self):
         breaks = [
             # The bug issue 15 reported: Unsubscribe scoped to the topic's "subscriptions".
@@ -291,6 +325,8 @@ class IamPolicies(unittest.TestCase):
             ("GatewayRole", "LifecycleHooks", {"Ref": "GatewayTargetGroup"}),
             # DescribeTargetHealth has no resource type.
             ("GatewayRole", "WatchTheLoadBalancer", {"Ref": "GatewayTargetGroup"}),
+            # The service key's parameter named without the parameter/ resource type.
+            ("GatewayRole", "ServiceKey", {"Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:${ServiceKeyParameter}"}),
         ]
         for role, sid, resource in breaks:
             with self.subTest(role=role, statement=sid):
