@@ -256,12 +256,20 @@ class NoPublicInstances(_Rule):
         for _, lb in self._each(cfn, "AWS::ElasticLoadBalancingV2::LoadBalancer"):
             if _props(lb).get("Scheme") == "internet-facing":
                 public_lb_groups.update(_ref(g) for g in _props(lb).get("SecurityGroups") or [])
-        for name, group in self._each(cfn, "AWS::EC2::SecurityGroup"):
-            for rule in _props(group).get("SecurityGroupIngress") or []:
-                if rule.get("CidrIp") == "0.0.0.0/0" or rule.get("CidrIpv6") == "::/0":
-                    ports = (rule.get("FromPort"), rule.get("ToPort"))
-                    if name not in public_lb_groups or ports not in {(80, 80), (443, 443)}:
-                        matches.append(RuleMatch(["Resources", name], f"{name}: open to the internet on {ports}"))
+        ingress = [
+            (name, rule)
+            for name, group in self._each(cfn, "AWS::EC2::SecurityGroup")
+            for rule in _props(group).get("SecurityGroupIngress") or []
+        ] + [
+            # A standalone ingress rule opens the group it names.
+            (_ref(_props(rule).get("GroupId")) or name, _props(rule))
+            for name, rule in self._each(cfn, "AWS::EC2::SecurityGroupIngress")
+        ]
+        for name, rule in ingress:
+            if rule.get("CidrIp") == "0.0.0.0/0" or rule.get("CidrIpv6") == "::/0":
+                ports = (rule.get("FromPort"), rule.get("ToPort"))
+                if name not in public_lb_groups or ports not in {(80, 80), (443, 443)}:
+                    matches.append(RuleMatch(["Resources", name], f"{name}: open to the internet on {ports}"))
         for name, lt in self._each(cfn, "AWS::EC2::LaunchTemplate"):
             data = _props(lt).get("LaunchTemplateData") or {}
             for nic in data.get("NetworkInterfaces") or []:

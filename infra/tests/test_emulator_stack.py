@@ -80,6 +80,7 @@ class EmulatorStack(unittest.TestCase):
         ]
         route_table = ec2.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
         certificate = client("acm").request_certificate(DomainName="chat.example.com")["CertificateArn"]
+        cls.backends = ec2.create_security_group(GroupName="backends", Description="backends", VpcId=vpc)["GroupId"]
         parameters = {
             "Environment": "aws",
             "VpcId": vpc,
@@ -89,6 +90,7 @@ class EmulatorStack(unittest.TestCase):
             "ArtifactBucket": BUCKET,
             "ArtifactPrefix": PREFIX,
             "CertificateArn": certificate,
+            "BackendSecurityGroupId": cls.backends,
         }
         cfn = client("cloudformation")
         cfn.create_stack(
@@ -123,7 +125,7 @@ class EmulatorStack(unittest.TestCase):
         expected = {
             name
             for name, r in template["Resources"].items()
-            if r["Type"] not in EMULATOR_SKIPS and r.get("Condition") in (None, "IsAws")
+            if r["Type"] not in EMULATOR_SKIPS and r.get("Condition") in (None, "IsAws", "HasBackendSecurityGroup")
         }
         self.assertEqual(expected - set(self.resources), set())
         self.assertTrue(self.outputs["GatewayUrl"].startswith("wss://"), self.outputs)
@@ -162,6 +164,15 @@ class EmulatorStack(unittest.TestCase):
                 data = self.user_data(template)
                 self.assertIn("\nCHORUS_SERVICE_KEY_PARAMETER=/chorus/service-key\n", data)
                 self.assertIn("\nCHORUS_SECOND_SERVICE_KEY_PARAMETER=\n", data)
+
+    def test_the_writers_admit_gateways_and_the_backends_only(self):
+        group = self.aws("ec2").describe_security_groups(
+            GroupIds=[self.physical("WriterAlbSecurityGroup")])["SecurityGroups"][0]
+        sources = {
+            (p["FromPort"], pair["GroupId"]) for p in group["IpPermissions"] for pair in p.get("UserIdGroupPairs", [])
+        }
+        self.assertEqual(sources, {(80, self.physical("GatewaySecurityGroup")), (80, self.backends)})
+        self.assertEqual([p.get("IpRanges") for p in group["IpPermissions"] if p.get("IpRanges")], [])
 
     def test_the_stream_is_retried_until_success(self):
         lam = self.aws("lambda")

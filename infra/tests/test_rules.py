@@ -158,6 +158,8 @@ BREAKS = [
     ("E9007", "gateway port open to the internet",
      lambda t: props(t, "GatewaySecurityGroup")["SecurityGroupIngress"].append(
          {"IpProtocol": "tcp", "FromPort": 8081, "ToPort": 8081, "CidrIp": "0.0.0.0/0"})),
+    ("E9007", "the writers' ALB opened to the internet by a standalone ingress rule",
+     lambda t: props(t, "WriterAlbIngressFromBackends").update(CidrIp="0.0.0.0/0", SourceSecurityGroupId=None)),
     ("E9007", "gateways with public addresses",
      lambda t: props(t, "GatewayLaunchTemplate")["LaunchTemplateData"].update(
          NetworkInterfaces=[{"DeviceIndex": 0, "AssociatePublicIpAddress": True}])),
