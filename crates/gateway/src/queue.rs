@@ -1,6 +1,6 @@
 //! The SQS transport (`--bus sqs`): SNS cannot deliver to private addresses, so a gateway in a
 //! private subnet gets its own queue, subscribed to the topic with raw delivery, and long-polls
-//! it. The queue's policy admits only the topic. Messages are deleted after their events are
+//! it. The queue's policy admits only the topic and denies every other sender explicitly. Messages are deleted after their events are
 //! handed to the hub (ordered and queued for every local member), so a gateway that dies
 //! mid-batch gets them again if it comes back, and the order layer drops what it already had.
 //! On drain the subscription and the queue are removed.
@@ -59,17 +59,7 @@ impl GatewayQueue {
             .attributes
             .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
             .ok_or_else(|| BusError("the queue has no ARN".into()))?;
-        let policy = serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Sid": "OnlyTheChorusTopic",
-                "Effect": "Allow",
-                "Principal": {"Service": "sns.amazonaws.com"},
-                "Action": "sqs:SendMessage",
-                "Resource": arn,
-                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}}
-            }]
-        });
+        let policy = queue_policy(&arn, topic_arn);
         client
             .set_queue_attributes()
             .queue_url(&url)
@@ -196,8 +186,48 @@ pub fn queue_name(gateway_id: &str) -> String {
     format!("chorus-gw-{id}-{:08x}", nanos ^ std::process::id())
 }
 
+/// The gateway queue's policy: the topic may send, and every other sender is denied explicitly,
+/// so a principal whose own IAM policy allows `sqs:SendMessage` broadly still cannot inject
+/// events. `infra/tests` checks the same document (fixtures/gateway-queue-policy.json).
+fn queue_policy(queue_arn: &str, topic_arn: &str) -> serde_json::Value {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "OnlyTheChorusTopic",
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}}
+            },
+            {
+                "Sid": "NoOtherSender",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnNotEquals": {"aws:SourceArn": topic_arn}}
+            }
+        ]
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_queue_policy_is_the_one_the_infra_checks_hold_to() {
+        let expected: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../infra/tests/fixtures/gateway-queue-policy.json"
+        ))
+        .unwrap();
+        let policy = super::queue_policy(
+            "arn:aws:sqs:us-east-1:123456789012:chorus-gw-chorus-i-0123456789abcdef0-k3v9",
+            "arn:aws:sns:us-east-1:123456789012:chorus-messages",
+        );
+        assert_eq!(policy, expected);
+    }
+
     use super::*;
 
     #[test]
