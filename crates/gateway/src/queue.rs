@@ -1,8 +1,9 @@
 //! The SQS transport (`--bus sqs`): SNS cannot deliver to private addresses, so a gateway in a
 //! private subnet gets its own queue, subscribed to the topic with raw delivery, and long-polls
-//! it. The queue's policy admits only the topic and denies every other sender explicitly. Messages are deleted after their events are
-//! handed to the hub (ordered and queued for every local member), so a gateway that dies
-//! mid-batch gets them again if it comes back, and the order layer drops what it already had.
+//! it. The queue's policy admits only the topic and denies every other sender explicitly.
+//! Messages are deleted after their events are handed to the hub (ordered and queued for every
+//! local member), so a gateway that dies mid-batch gets them again if it comes back, and the
+//! order layer drops what it already had.
 //! On drain the subscription and the queue are removed.
 
 use std::time::Duration;
