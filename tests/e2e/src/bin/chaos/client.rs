@@ -121,9 +121,10 @@ pub(crate) struct ClientReport {
     pub(crate) connects: usize,
     /// Closes by code (resume codes), and drops (`None`).
     pub(crate) closes: BTreeMap<Option<u16>, usize>,
-    /// Connections the gateway ended (4001, or dropped after its close grace) during a replay
-    /// the client stopped reading.
-    pub(crate) ended_mid_join: usize,
+    /// Connections ended during a replay the client stopped reading: closed with 4001, or
+    /// dropped (the gateway's close grace passed, or the gateway was killed meanwhile).
+    pub(crate) kicked_mid_join: usize,
+    pub(crate) dropped_mid_join: usize,
     /// Replays this client stopped reading during.
     pub(crate) stalled_replays: usize,
     /// Per stalled replay, what happened, in words.
@@ -269,8 +270,12 @@ impl Driver {
                 *self.report.closes.entry(code).or_default() += 1;
                 let kicked = matches!(code, None | Some(close::SLOW_CONSUMER));
                 if kicked && self.stalled_join && self.awaiting_main() {
-                    // The gateway ended the connection of the stalled replay (read after it).
-                    self.report.ended_mid_join += 1;
+                    // The connection of the stalled replay ended (read after the stall).
+                    if code.is_some() {
+                        self.report.kicked_mid_join += 1;
+                    } else {
+                        self.report.dropped_mid_join += 1;
+                    }
                     self.stalled_join = false;
                 } else if code == Some(close::SLOW_CONSUMER) {
                     if self.awaiting.is_empty() {
@@ -656,7 +661,7 @@ async fn stall_during_replay(
     let stall_took = stalled.elapsed();
     driver.status("reading its replay after the stall");
     let (ended_before, closes_before) =
-        (driver.report.ended_mid_join, driver.report.closes.clone());
+        (ended_mid_join(&driver.report), driver.report.closes.clone());
     let resumed = Instant::now();
     while driver.awaiting_main() {
         driver.step().await?;
@@ -667,7 +672,7 @@ async fn stall_during_replay(
         driver.name,
         if by_leaving { "left and re-joined" } else { "reconnected" },
         stall_took.as_secs_f64(),
-        if driver.report.ended_mid_join == ended_before {
+        if ended_mid_join(&driver.report) == ended_before {
             "not closed".to_owned()
         } else {
             let new: Vec<String> = driver
@@ -683,6 +688,10 @@ async fn stall_during_replay(
         driver.position()
     ));
     Ok(())
+}
+
+fn ended_mid_join(report: &ClientReport) -> usize {
+    report.kicked_mid_join + report.dropped_mid_join
 }
 
 /// `http://…/metrics` of the gateway behind a client's `ws://…/ws?…` URL.

@@ -797,10 +797,12 @@ fn summarize(reports: &[ClientReport]) {
     );
     println!("chaos: churn: {churns:?}");
     let stalled: usize = of_role(Role::Staller).map(|r| r.stalled_replays).sum();
-    let mid_join: usize = of_role(Role::Staller).map(|r| r.ended_mid_join).sum();
+    let kicked_mid_join: usize = of_role(Role::Staller).map(|r| r.kicked_mid_join).sum();
+    let dropped_mid_join: usize = of_role(Role::Staller).map(|r| r.dropped_mid_join).sum();
     println!(
-        "chaos: stalled replays: {stalled}, ended by the gateway before their joined (4001, or dropped after the close grace): {mid_join}{}",
-        if stalled > 0 && mid_join == 0 {
+        "chaos: stalled replays: {stalled}; closed with 4001 mid-join: {kicked_mid_join}; dropped \
+         mid-join (the close grace passed, or the gateway was killed): {dropped_mid_join}{}",
+        if stalled > 0 && kicked_mid_join + dropped_mid_join == 0 {
             " (not exercised: the replays fitted in the socket buffers; raise --bulk-messages-per-sender)"
         } else {
             ""
