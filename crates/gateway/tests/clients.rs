@@ -83,17 +83,23 @@ async fn closed_with(client: &mut Client) -> u16 {
     }
 }
 
-/// Polls `/metrics` until it contains every line.
+/// Polls `/metrics` until it contains every line; gives up only when the metrics have not
+/// changed for [`WAIT`] (a loaded machine makes progress slower, not absent).
 async fn wait_for_metrics(gateway: &Gateway, lines: &[&str]) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = String::new();
+    let mut unchanged_since = tokio::time::Instant::now();
     loop {
         let text = gateway.metrics().await;
         if lines.iter().all(|line| text.lines().any(|l| l == *line)) {
             return;
         }
+        if text != last {
+            last = text;
+            unchanged_since = tokio::time::Instant::now();
+        }
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never showed {lines:?}:\n{text}"
+            unchanged_since.elapsed() < WAIT,
+            "metrics stopped changing for {WAIT:?} without showing {lines:?}:\n{last}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
