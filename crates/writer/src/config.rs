@@ -107,9 +107,6 @@ pub struct Config {
         default_value_t = 1_000_000
     )]
     pub dedupe_memory_entries: usize,
-    /// Use the replaced one-transaction-per-send store (for `scripts/bench writer` only).
-    #[arg(long, global = true, hide = true)]
-    pub legacy_store: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use chorus_service::service_auth::{CallerKind, Grant, Patterns, ServiceKeys};
 use chorus_writer::config::{Cli, Command};
-use chorus_writer::store::{DynamoStore, DynamoTable, LegacyStore, MessageStore, ensure_table};
+use chorus_writer::store::{DynamoStore, DynamoTable, ensure_table};
 use clap::Parser as _;
 
 #[tokio::main]
@@ -51,19 +51,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             let keys = Arc::new(keys()?);
             let client = dynamodb().await;
-            let store: Arc<dyn MessageStore> = if config.legacy_store {
-                tracing::warn!(
-                    "serving with the replaced one-transaction-per-send store (benchmarks only)"
-                );
-                Arc::new(LegacyStore::new(client, &config.table))
-            } else {
-                let table = DynamoTable::new(client, &config.table);
-                table
-                    .check()
-                    .await
-                    .with_context(|| format!("table {} is not usable", config.table))?;
-                Arc::new(DynamoStore::new(table, settings))
-            };
+            let table = DynamoTable::new(client, &config.table);
+            table
+                .check()
+                .await
+                .with_context(|| format!("table {} is not usable", config.table))?;
+            let store = Arc::new(DynamoStore::new(table, settings));
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;

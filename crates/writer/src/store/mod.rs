@@ -4,20 +4,16 @@
 //! flight are committed together by the next write, one conditional put of one item that holds a
 //! contiguous run of seqs ([`commit`]). It runs over a [`Table`]: [`DynamoTable`] in production,
 //! [`MemoryTable`] in unit tests (same semantics, with faults to inject).
-//! [`LegacyStore`] is the design it replaces (one three-item transaction per send), kept only so
-//! the writer bench can measure both in the same run.
 
 mod commit;
 mod dynamo;
 mod item;
-mod legacy;
 mod memory;
 mod window;
 
 pub use commit::GroupCommitStore;
 pub use dynamo::{DynamoTable, ensure_table};
 pub use item::{MAX_ITEM_BYTES, MAX_ITEM_MESSAGES, Marker, item_bytes, write_units};
-pub use legacy::LegacyStore;
 pub use memory::{MemoryTable, PutFault};
 
 use std::sync::Arc;
@@ -280,11 +276,6 @@ pub fn rfc3339_ms(ms: u64) -> String {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
         .format(&format)
         .expect("UTC timestamps always format")
-}
-
-/// The writer's clock now: RFC 3339 UTC with milliseconds.
-pub fn now_rfc3339_ms() -> String {
-    rfc3339_ms(SystemClock.now_ms())
 }
 
 /// Whether `item` is still within retention at `now_ms` (DynamoDB deletes expired items lazily,
