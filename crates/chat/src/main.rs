@@ -210,6 +210,12 @@ fn print_frame(frame: &ServerFrame) {
         ServerFrame::Joined { room, seq } => eprintln!("* joined {room} at seq {seq}"),
         ServerFrame::Left { room } => eprintln!("* left {room}"),
         ServerFrame::Ack { seq, .. } => eprintln!("* sent (seq {seq})"),
+        ServerFrame::History { room, messages, .. } => {
+            eprintln!("* {} earlier messages of {room}:", messages.len());
+            for m in messages {
+                println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str());
+            }
+        }
         ServerFrame::Error { code, message, .. } => eprintln!("! {code:?}: {message}"),
     }
 }

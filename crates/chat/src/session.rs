@@ -570,6 +570,8 @@ impl Session {
                 }
             }
             ServerFrame::Ack { id, .. } => self.pending.retain(|p| p.id != *id),
+            // A scrollback answer changes no position: it is for the app, as an event.
+            ServerFrame::History { .. } => {}
             ServerFrame::Error {
                 code,
                 reference: Some(reference),

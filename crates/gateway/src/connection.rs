@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 use axum::extract::ws::{CloseFrame, Message};
 use chorus_protocol::api::SendRequest;
 use chorus_protocol::frames::Rejected;
-use chorus_protocol::{ClientFrame, ErrorCode, RoomId, Seq, ServerFrame, close};
+use chorus_protocol::{
+    ClientFrame, ClientMsgId, ErrorCode, MessageEvent, RoomId, Seq, ServerFrame, close,
+};
 use futures_util::{Sink, SinkExt as _, Stream, StreamExt as _};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -242,6 +244,68 @@ async fn reply(member: &MemberHandle, frame: ServerFrame) {
     let _ = member.outbox.push(frame.to_json().into()).await;
 }
 
+/// Answers a scrollback request: authorised and rate-limited like a join, the page trimmed from
+/// its oldest end to half the connection's byte bound (so a reply always fits the queue; the
+/// client pages on from the oldest message it got).
+async fn history(
+    ctx: &ConnectionContext,
+    member: &MemberHandle,
+    session: &mut Session,
+    room: RoomId,
+    id: ClientMsgId,
+    before: Option<Seq>,
+    limit: u32,
+) {
+    if !session.joins.try_take(ctx.settings.joins, Instant::now()) {
+        ctx.metrics.rate_limited_joins.inc();
+        let message = format!(
+            "too many joins and history requests: at most {} per second (bursts of {}); ask \
+             again later",
+            ctx.settings.joins.per_sec, ctx.settings.joins.burst
+        );
+        let frame = ServerFrame::history_error(ErrorCode::RateLimited, message, room, &id);
+        return reply(member, frame).await;
+    }
+    if !session.identity.rooms.allows(&room) {
+        ctx.metrics.forbidden_joins.inc();
+        let message = format!("your token does not allow room {room}");
+        let frame = ServerFrame::history_error(ErrorCode::Forbidden, message, room, &id);
+        return reply(member, frame).await;
+    }
+    match ctx.log.scrollback(&room, before, limit).await {
+        Ok(page) => {
+            ctx.metrics.history_served.inc();
+            let messages = newest_within(page.messages, ctx.settings.queue_bytes / 2);
+            reply(member, ServerFrame::History { room, id, messages }).await;
+        }
+        Err(e) => {
+            ctx.metrics.history_failed.inc();
+            tracing::warn!(%room, error.message = %e, "history request failed");
+            let message = format!(
+                "could not read the history of {room}: the message store is unavailable, try again"
+            );
+            let frame = ServerFrame::history_error(ErrorCode::Unavailable, message, room, &id);
+            reply(member, frame).await;
+        }
+    }
+}
+
+/// The newest of `messages` (oldest first) whose JSON fits in `budget` bytes; at least one, so
+/// paging always moves on.
+fn newest_within(mut messages: Vec<MessageEvent>, budget: usize) -> Vec<MessageEvent> {
+    let mut bytes = 0;
+    let mut keep = 0;
+    for message in messages.iter().rev() {
+        // Each message's JSON, plus a comma; the body dominates.
+        bytes += serde_json::to_string(message).map_or(0, |json| json.len() + 1);
+        if keep > 0 && bytes > budget {
+            break;
+        }
+        keep += 1;
+    }
+    messages.split_off(messages.len() - keep)
+}
+
 async fn handle_text(
     ctx: &ConnectionContext,
     member: &MemberHandle,
@@ -346,6 +410,12 @@ async fn handle_text(
                 }
             }
         }
+        ClientFrame::History {
+            room,
+            id,
+            before,
+            limit,
+        } => history(ctx, member, session, room, id, before, limit.get()).await,
         ClientFrame::Leave { room } => {
             if rooms.remove(&room) {
                 ctx.metrics.leaves.inc();

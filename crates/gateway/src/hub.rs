@@ -1056,6 +1056,16 @@ mod tests {
                     .collect(),
             })
         }
+        async fn scrollback(
+            &self,
+            _: &RoomId,
+            _: Option<Seq>,
+            _: u32,
+        ) -> Result<HistoryPage, LogError> {
+            Err(LogError::Unavailable(
+                "the hub never reads backwards".into(),
+            ))
+        }
     }
 
     fn event(room: &RoomId, seq: u64) -> MessageEvent {

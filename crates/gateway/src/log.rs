@@ -29,6 +29,18 @@ pub trait MessageLog: Send + Sync + 'static {
     /// [`LogError`] when the writer cannot answer.
     async fn history(&self, room: &RoomId, after: Seq, limit: u32)
     -> Result<HistoryPage, LogError>;
+
+    /// Scrollback: the newest `limit` messages with seq < `before` (the room's newest if `None`),
+    /// oldest first, and the room's head.
+    ///
+    /// # Errors
+    /// [`LogError`] when the writer cannot answer.
+    async fn scrollback(
+        &self,
+        room: &RoomId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, LogError>;
 }
 
 /// Why the writer could not serve a request.
@@ -162,6 +174,22 @@ impl MessageLog for WriterClient {
         self.call(room, |base| {
             self.http.get(format!(
                 "{base}/v1/rooms/{room}/messages?after={after}&limit={limit}"
+            ))
+        })
+        .await
+    }
+
+    async fn scrollback(
+        &self,
+        room: &RoomId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, LogError> {
+        // Without `before`, from above any seq: the newest messages.
+        let before = before.map_or(i64::MAX as u64, |b| b.0);
+        self.call(room, |base| {
+            self.http.get(format!(
+                "{base}/v1/rooms/{room}/messages?before={before}&limit={limit}"
             ))
         })
         .await

@@ -16,6 +16,9 @@ pub struct GatewayMetrics {
     pub frames_rejected: Counter,
     pub sends_acked: Counter,
     pub sends_failed: Counter,
+    /// Scrollback (`history`) requests answered with a page, and those the writer failed.
+    pub history_served: Counter,
+    pub history_failed: Counter,
     pub delivered: Counter,
     pub replayed: Counter,
     pub slow_consumers: Counter,
@@ -130,6 +133,16 @@ impl GatewayMetrics {
                 "Client sends by outcome.",
                 "result",
                 &[("acked", &self.sends_acked), ("failed", &self.sends_failed)],
+            )
+            .counter(
+                "chorus_gateway_history_requests_total",
+                "Scrollback (history) requests by outcome (refused ones count in \
+                 chorus_gateway_requests_limited_total, like joins).",
+                "result",
+                &[
+                    ("served", &self.history_served),
+                    ("failed", &self.history_failed),
+                ],
             )
             .counter(
                 "chorus_gateway_delivered_total",

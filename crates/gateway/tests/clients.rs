@@ -676,3 +676,127 @@ async fn a_notification_whose_certificate_cannot_be_fetched_is_answered_with_a_r
     )
     .await;
 }
+
+/// Sends a `history` request and returns the answer.
+async fn history(client: &mut Client, request: serde_json::Value) -> ServerFrame {
+    client.send_raw(request.to_string()).await.unwrap();
+    client.next_frame(WAIT).await.unwrap()
+}
+
+/// The id and seqs of a `history` frame.
+fn page(frame: &ServerFrame) -> (String, Vec<u64>) {
+    match frame {
+        ServerFrame::History { id, messages, .. } => {
+            (id.to_string(), messages.iter().map(|m| m.seq.0).collect())
+        }
+        other => panic!("expected a history frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn scrollback_pages_backwards_through_a_rooms_history_that_the_token_allows() {
+    let gateway = token_gateway(|config| config.send_queue_bytes = 128 * 1024).await;
+    let stored = gateway
+        .log
+        .store(&room("lobby"), (1..=30).map(|i| format!("message {i}")));
+    gateway
+        .log
+        .store(&room("admin"), ["not for john".to_owned()]);
+    // 16 KiB messages: a page of them is cut to half the queue's bytes.
+    gateway
+        .log
+        .store(&room("big"), (1..=10).map(|i| format!("{i:0>16384}")));
+    let john = token(SECRET, "john", &["lobby", "big"], now() + 600);
+    let mut client = Client::connect_with_token(&gateway.ws_url(), Some(&john))
+        .await
+        .unwrap();
+
+    // No join needed: the newest first, then page on from the oldest received.
+    let newest = history(
+        &mut client,
+        json!({"type": "history", "room": "lobby", "id": "h1", "limit": 10}),
+    )
+    .await;
+    assert_eq!(page(&newest), ("h1".into(), (21..=30).collect()));
+    let ServerFrame::History {
+        messages, room: r, ..
+    } = &newest
+    else {
+        unreachable!()
+    };
+    assert_eq!(r.as_str(), "lobby");
+    assert_eq!(messages, &stored[20..30], "the stored messages, whole");
+    let earlier = history(
+        &mut client,
+        json!({"type": "history", "room": "lobby", "id": "h2", "before": 21, "limit": 10}),
+    )
+    .await;
+    assert_eq!(page(&earlier), ("h2".into(), (11..=20).collect()));
+    let rest = history(
+        &mut client,
+        json!({"type": "history", "room": "lobby", "id": "h3", "before": 11}),
+    )
+    .await;
+    assert_eq!(
+        page(&rest),
+        ("h3".into(), (1..=10).collect()),
+        "default limit 50"
+    );
+    let none = history(
+        &mut client,
+        json!({"type": "history", "room": "lobby", "id": "h4", "before": 1}),
+    )
+    .await;
+    assert_eq!(page(&none), ("h4".into(), vec![]));
+
+    // A room the token does not allow, and a limit out of range: refused, naming the request.
+    let refused = history(
+        &mut client,
+        json!({"type": "history", "room": "admin", "id": "h5"}),
+    )
+    .await;
+    assert!(
+        matches!(&refused, ServerFrame::Error { code: ErrorCode::Forbidden, reference: Some(r), room: Some(room), .. }
+            if r == "h5" && room.as_str() == "admin"),
+        "{refused:?}"
+    );
+    let refused = history(
+        &mut client,
+        json!({"type": "history", "room": "lobby", "id": "h6", "limit": 101}),
+    )
+    .await;
+    assert!(
+        matches!(&refused, ServerFrame::Error { code: ErrorCode::BadFrame, reference: Some(r), message, .. }
+            if r == "h6" && message.contains("limit must be 1 to 100")),
+        "{refused:?}"
+    );
+
+    // Large messages: the page ends right below `before`, cut to what fits half the queue.
+    let cut = history(
+        &mut client,
+        json!({"type": "history", "room": "big", "id": "h7", "limit": 100}),
+    )
+    .await;
+    assert_eq!(page(&cut), ("h7".into(), vec![8, 9, 10]));
+    let next = history(
+        &mut client,
+        json!({"type": "history", "room": "big", "id": "h8", "before": 8, "limit": 100}),
+    )
+    .await;
+    assert_eq!(page(&next), ("h8".into(), vec![5, 6, 7]));
+
+    // The connection joined nothing by reading history, and it is still open.
+    assert!(matches!(
+        join(&mut client, "lobby").await,
+        ServerFrame::Joined { seq: Seq(30), .. }
+    ));
+    wait_for_metrics(
+        &gateway,
+        &[
+            "chorus_gateway_history_requests_total{result=\"served\"} 6",
+            "chorus_gateway_requests_limited_total{limit=\"room_not_allowed\"} 1",
+            "chorus_gateway_room_members 1",
+        ],
+    )
+    .await;
+}

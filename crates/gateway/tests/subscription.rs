@@ -162,6 +162,14 @@ impl MessageLog for NoWriter {
     async fn history(&self, _: &RoomId, _: Seq, _: u32) -> Result<HistoryPage, LogError> {
         unreachable!("no client joins in these tests")
     }
+    async fn scrollback(
+        &self,
+        _: &RoomId,
+        _: Option<Seq>,
+        _: u32,
+    ) -> Result<HistoryPage, LogError> {
+        unreachable!("no client asks for history in these tests")
+    }
 }
 
 /// Everything this test binary logs, at info and above. One subscriber for the whole binary

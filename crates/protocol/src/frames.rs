@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Body, ClientMsgId, RoomId, Seq};
+use crate::ids::{Body, ClientMsgId, PageLimit, RoomId, Seq};
 use crate::message::MessageEvent;
 
 /// The WebSocket subprotocol a client asks for. A gateway also accepts clients that ask for none.
@@ -33,6 +33,18 @@ pub enum ClientFrame {
         id: ClientMsgId,
         body: Body,
     },
+    /// Scrollback ("load earlier messages"): up to `limit` (default 50, at most 100) of the
+    /// room's messages with seq < `before` (the newest ones if `before` is absent), answered by a
+    /// `history` frame with the same `id`. Authorised like a join (the token must allow the room,
+    /// and it counts against the join rate); the connection need not have joined the room.
+    History {
+        room: RoomId,
+        id: ClientMsgId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<Seq>,
+        #[serde(default)]
+        limit: PageLimit,
+    },
 }
 
 /// What a gateway sends.
@@ -51,8 +63,18 @@ pub enum ServerFrame {
         room: RoomId,
         seq: Seq,
     },
-    /// A request could not be served. `ref` echoes the client message id of a failed send, if any;
-    /// `room` names the room of a failed join (absent otherwise).
+    /// The answer to the `history` request `id`: consecutive messages of `room`, oldest first,
+    /// ending right below the request's `before` (or at the room's newest). Fewer than asked
+    /// when the room has no more, or when their bytes would overflow the connection's queue;
+    /// empty when nothing earlier is stored (seq 1 reached, or older messages expired). To page
+    /// on, ask with `before` = the first message's seq.
+    History {
+        room: RoomId,
+        id: ClientMsgId,
+        messages: Vec<MessageEvent>,
+    },
+    /// A request could not be served. `ref` echoes the `id` of a failed send or history request,
+    /// if any; `room` names the room of a failed join or history request (absent otherwise).
     Error {
         code: ErrorCode,
         message: String,
@@ -143,7 +165,7 @@ impl ClientFrame {
             )));
         };
         match kind.as_str() {
-            Some("join" | "leave" | "send") => {}
+            Some("join" | "leave" | "send" | "history") => {}
             Some(other) => {
                 let shown: String = other.chars().take(32).collect();
                 return Err(reject(FrameError::UnknownType(shown)));
@@ -182,6 +204,21 @@ impl ServerFrame {
             code,
             message: message.into(),
             reference: None,
+            room: Some(room),
+        }
+    }
+
+    /// An `error` frame about the `history` request `id` for `room`.
+    pub fn history_error(
+        code: ErrorCode,
+        message: impl Into<String>,
+        room: RoomId,
+        id: &ClientMsgId,
+    ) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            reference: Some(id.to_string()),
             room: Some(room),
         }
     }
@@ -225,6 +262,27 @@ mod tests {
             ClientFrame::Leave {
                 room: RoomId::parse("lobby").unwrap()
             }
+        );
+    }
+
+    #[test]
+    fn a_history_limit_outside_1_to_100_is_refused_naming_the_request() {
+        for limit in ["0", "101", "-1", "2.5", "\"ten\""] {
+            let text = format!(r#"{{"type":"history","room":"a","id":"h1","limit":{limit}}}"#);
+            let err = ClientFrame::parse(&text).unwrap_err();
+            assert_eq!(err.error.code(), ErrorCode::BadFrame, "{limit}");
+            assert_eq!(err.reference.as_deref(), Some("h1"), "{limit}");
+        }
+        let err =
+            ClientFrame::parse(r#"{"type":"history","room":"a","id":"h1","limit":0}"#).unwrap_err();
+        assert!(
+            err.error.to_string().contains("limit must be 1 to 100"),
+            "{}",
+            err.error
+        );
+        let frame = ClientFrame::parse(r#"{"type":"history","room":"a","id":"h1"}"#).unwrap();
+        assert!(
+            matches!(frame, ClientFrame::History { limit, before: None, .. } if limit.get() == 50)
         );
     }
 

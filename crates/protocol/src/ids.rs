@@ -155,6 +155,58 @@ impl From<Body> for String {
     }
 }
 
+/// How many messages a scrollback (`history`) request asks for: 1 to [`PageLimit::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct PageLimit(u32);
+
+impl PageLimit {
+    /// Most messages one `history` reply holds (fewer when their bytes would overflow the
+    /// connection's queue: ask again from the oldest one received).
+    pub const MAX: u32 = 100;
+    /// What a `history` request without `limit` gets.
+    pub const DEFAULT: PageLimit = PageLimit(50);
+
+    /// Checks `value` against the rules.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] when `value` is 0 or above [`PageLimit::MAX`].
+    pub fn new(value: u32) -> Result<Self, InvalidValue> {
+        if (1..=Self::MAX).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(InvalidValue(format!(
+                "limit must be 1 to {}, not {value}",
+                Self::MAX
+            )))
+        }
+    }
+
+    /// The number of messages.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for PageLimit {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl TryFrom<u32> for PageLimit {
+    type Error = InvalidValue;
+    fn try_from(value: u32) -> Result<Self, InvalidValue> {
+        Self::new(value)
+    }
+}
+
+impl From<PageLimit> for u32 {
+    fn from(value: PageLimit) -> u32 {
+        value.0
+    }
+}
+
 /// A message's position in its room: dense, 1, 2, 3 … with no holes. `Seq(0)` means "before the
 /// first message" (an empty room's head, or `since=0`).
 #[derive(

@@ -14,5 +14,5 @@ pub mod message;
 
 pub use bus::BusPayload;
 pub use frames::{ClientFrame, ErrorCode, ServerFrame};
-pub use ids::{Body, ClientMsgId, InvalidValue, RoomId, Seq, UserId};
+pub use ids::{Body, ClientMsgId, InvalidValue, PageLimit, RoomId, Seq, UserId};
 pub use message::{MessageEvent, StoredBatch, StoredEntry};

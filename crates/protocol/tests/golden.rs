@@ -28,7 +28,14 @@ golden!(client_join, ClientFrame, "client_join.json");
 golden!(client_join_since, ClientFrame, "client_join_since.json");
 golden!(client_leave, ClientFrame, "client_leave.json");
 golden!(client_send, ClientFrame, "client_send.json");
+golden!(client_history, ClientFrame, "client_history.json");
+golden!(
+    client_history_newest,
+    ClientFrame,
+    "client_history_newest.json"
+);
 golden!(server_joined, ServerFrame, "server_joined.json");
+golden!(server_history, ServerFrame, "server_history.json");
 golden!(server_left, ServerFrame, "server_left.json");
 golden!(server_message, ServerFrame, "server_message.json");
 golden!(server_ack, ServerFrame, "server_ack.json");
@@ -53,6 +60,8 @@ fn client_frames_parse_through_the_validating_entry_point() {
         include_bytes!("fixtures/client_join_since.json"),
         include_bytes!("fixtures/client_leave.json"),
         include_bytes!("fixtures/client_send.json"),
+        include_bytes!("fixtures/client_history.json"),
+        include_bytes!("fixtures/client_history_newest.json"),
     ] {
         let text = std::str::from_utf8(fixture).unwrap();
         ClientFrame::parse(text).expect("fixture is a valid client frame");

@@ -3,7 +3,7 @@
 //! exactly.
 
 use chorus_protocol::frames::FrameError;
-use chorus_protocol::{Body, BusPayload, ClientFrame, ClientMsgId, RoomId, Seq};
+use chorus_protocol::{Body, BusPayload, ClientFrame, ClientMsgId, PageLimit, RoomId, Seq};
 use proptest::prelude::*;
 
 fn room() -> impl Strategy<Value = RoomId> {
@@ -33,6 +33,18 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             id,
             body
         }),
+        (
+            room(),
+            msg_id(),
+            proptest::option::of(any::<u64>()),
+            1..=PageLimit::MAX
+        )
+            .prop_map(|(room, id, before, limit)| ClientFrame::History {
+                room,
+                id,
+                before: before.map(Seq),
+                limit: PageLimit::new(limit).unwrap(),
+            }),
     ]
 }
 
@@ -50,13 +62,21 @@ fn frame_like_json() -> impl Strategy<Value = String> {
         Just("join".to_owned()),
         Just("leave".to_owned()),
         Just("send".to_owned()),
+        Just("history".to_owned()),
         any::<String>()
     ];
     (
         kind,
         proptest::collection::vec(
             (
-                prop_oneof![Just("room"), Just("id"), Just("body"), Just("since")],
+                prop_oneof![
+                    Just("room"),
+                    Just("id"),
+                    Just("body"),
+                    Just("since"),
+                    Just("before"),
+                    Just("limit")
+                ],
                 value,
             ),
             0..4,
@@ -99,9 +119,14 @@ proptest! {
             Ok(ClientFrame::Join { room, .. } | ClientFrame::Leave { room }) => {
                 prop_assert!(RoomId::parse(room.as_str()).is_ok());
             }
+            Ok(ClientFrame::History { room, id, limit, .. }) => {
+                prop_assert!(RoomId::parse(room.as_str()).is_ok());
+                prop_assert!(ClientMsgId::parse(id.as_str()).is_ok());
+                prop_assert!(PageLimit::new(limit.get()).is_ok());
+            }
             Err(rejected) => {
                 let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-                let known = matches!(value["type"].as_str(), Some("join" | "leave" | "send"));
+                let known = matches!(value["type"].as_str(), Some("join" | "leave" | "send" | "history"));
                 prop_assert_eq!(matches!(rejected.error, FrameError::UnknownType(_)), !known);
             }
         }

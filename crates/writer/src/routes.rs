@@ -2,7 +2,8 @@
 //!
 //! - `POST /v1/rooms/{room}/messages` — body [`SendRequest`]; `201` [`SendResponse`] when stored,
 //!   `200` with the original seq when the (room, sender, id) was stored before.
-//! - `GET /v1/rooms/{room}/messages?after=N&limit=L` — [`HistoryPage`].
+//! - `GET /v1/rooms/{room}/messages?after=N&limit=L` (or `?before=B&limit=L`, scrollback) —
+//!   [`HistoryPage`].
 //! - `GET /healthz` — `200 ok` while the process serves.
 //! - `GET /metrics` — Prometheus text.
 
@@ -215,23 +216,39 @@ async fn history(
 ) -> Result<Json<HistoryPage>, ApiError> {
     let room = parse_room(room)?;
     caller.may_use_room(&room, &state.metrics)?;
-    let after = match params.get("after") {
-        None => Seq(0),
-        // Seqs are int64 on the wire (what every JSON client can hold).
-        Some(raw) => Seq(raw
-            .parse::<u64>()
-            .ok()
-            .filter(|after| i64::try_from(*after).is_ok())
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_after",
-                    format!(
-                        "after must be a whole number from 0 to {}, got {raw:?}",
-                        i64::MAX
-                    ),
-                )
-            })?),
+    // Seqs are int64 on the wire (what every JSON client can hold).
+    let seq_param = |name: &'static str, min: u64| -> Result<Option<Seq>, ApiError> {
+        params
+            .get(name)
+            .map(|raw| {
+                raw.parse::<u64>()
+                    .ok()
+                    .filter(|n| *n >= min && i64::try_from(*n).is_ok())
+                    .map(Seq)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            if name == "after" {
+                                "invalid_after"
+                            } else {
+                                "invalid_before"
+                            },
+                            format!(
+                                "{name} must be a whole number from {min} to {}, got {raw:?}",
+                                i64::MAX
+                            ),
+                        )
+                    })
+            })
+            .transpose()
     };
+    let after = seq_param("after", 0)?;
+    let before = seq_param("before", 1)?;
+    if after.is_some() && before.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_before",
+            "give after (reading forwards) or before (scrollback), not both",
+        ));
+    }
     let limit = match params.get("limit") {
         None => DEFAULT_HISTORY_LIMIT,
         Some(raw) => raw
@@ -249,7 +266,15 @@ async fn history(
     };
     state.metrics.history.inc();
     let started = std::time::Instant::now();
-    let page = state.store.history(&room, after, limit).await;
+    let page = match before {
+        Some(before) => state.store.history_before(&room, Some(before), limit).await,
+        None => {
+            state
+                .store
+                .history(&room, after.unwrap_or(Seq(0)), limit)
+                .await
+        }
+    };
     state.metrics.history_latency.observe(started.elapsed());
     match &page {
         Err(StoreError::Unexpected(_)) => state.metrics.store_unavailable.inc(),

@@ -190,6 +190,22 @@ impl FakeGateway {
                 }));
                 c.rooms.insert(room);
             }
+            ClientFrame::History {
+                room,
+                id,
+                before,
+                limit,
+            } => {
+                let log = state.rooms.get(&room).cloned().unwrap_or_default();
+                let below: Vec<_> = log
+                    .into_iter()
+                    .filter(|m| before.is_none_or(|b| m.seq < b))
+                    .collect();
+                let skip = below.len().saturating_sub(limit.get() as usize);
+                let messages = below.into_iter().skip(skip).collect();
+                let frame = ServerFrame::History { room, id, messages };
+                let _ = state.conns[&conn].out.send(Out::Frame(frame));
+            }
             ClientFrame::Leave { room } => {
                 let c = state.conns.get_mut(&conn).unwrap();
                 c.rooms.remove(&room);

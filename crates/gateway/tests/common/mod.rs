@@ -164,6 +164,31 @@ impl MessageLog for MemoryLog {
                 .collect(),
         })
     }
+
+    async fn scrollback(
+        &self,
+        room: &RoomId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, LogError> {
+        let log = self
+            .rooms
+            .lock()
+            .unwrap()
+            .get(room)
+            .cloned()
+            .unwrap_or_default();
+        let head = Seq(log.len() as u64);
+        let below: Vec<MessageEvent> = log
+            .into_iter()
+            .filter(|m| before.is_none_or(|b| m.seq < b))
+            .collect();
+        let skip = below.len().saturating_sub(limit as usize);
+        Ok(HistoryPage {
+            head,
+            messages: below.into_iter().skip(skip).collect(),
+        })
+    }
 }
 
 /// A running gateway.

@@ -16,7 +16,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chorus_protocol::api::HistoryPage;
-use chorus_protocol::{Body, ClientMsgId, RoomId, Seq, StoredBatch, StoredEntry, UserId};
+use chorus_protocol::{
+    Body, ClientMsgId, MessageEvent, RoomId, Seq, StoredBatch, StoredEntry, UserId,
+};
 use tokio::sync::oneshot;
 
 use super::item::{MAX_ITEM_BYTES, MAX_ITEM_MESSAGES, Marker, batch_overhead_bound, entry_bytes};
@@ -180,6 +182,15 @@ impl<T: Table> MessageStore for GroupCommitStore<T> {
         limit: u32,
     ) -> Result<HistoryPage, StoreError> {
         self.shared.history(room, after, limit).await
+    }
+
+    async fn history_before(
+        &self,
+        room: &RoomId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        self.shared.history_before(room, before, limit).await
     }
 
     fn usage(&self) -> Usage {
@@ -702,6 +713,63 @@ impl<T: Table> Shared<T> {
                 oldest: other.map_or(head.next(), |m| m.seq),
             }),
         }
+    }
+
+    async fn history_before(
+        &self,
+        room: &RoomId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        // The head first: every seq up to it is stored (or expired) before the items are read.
+        let head = self.head(room).await?;
+        let newest = before.map_or(head, |b| Seq(b.0.saturating_sub(1)).min(head));
+        let mut newest_first: Vec<MessageEvent> = Vec::new();
+        if limit == 0 || newest == Seq(0) {
+            return Ok(HistoryPage {
+                head,
+                messages: newest_first,
+            });
+        }
+        let now = self.now_ms();
+        // The next seq the page needs, going down; the page ends at the first gap (an expired
+        // item), so it is always consecutive.
+        let mut wanted = newest;
+        let mut at_most = newest;
+        'pages: loop {
+            let page = self.table.read_back(room, Some(at_most), limit).await?;
+            let Some(oldest_item) = page.items.last().map(|i| i.seq) else {
+                break;
+            };
+            for item in page.items {
+                if !is_live(&item, now) {
+                    break 'pages;
+                }
+                let events: Vec<MessageEvent> = item.into_events().collect();
+                for event in events.into_iter().rev() {
+                    if event.seq > wanted {
+                        continue;
+                    }
+                    if event.seq < wanted {
+                        break 'pages;
+                    }
+                    newest_first.push(event);
+                    if newest_first.len() == limit as usize || wanted == Seq(1) {
+                        break 'pages;
+                    }
+                    wanted = Seq(wanted.0 - 1);
+                }
+            }
+            if !page.more || oldest_item.0 <= 1 {
+                break;
+            }
+            at_most = Seq(oldest_item.0 - 1);
+        }
+        newest_first.reverse();
+        Ok(HistoryPage {
+            head,
+            messages: newest_first,
+        })
     }
 }
 

@@ -426,6 +426,90 @@ async fn history_reads_across_items_and_expired_history_is_refused_with_the_olde
 }
 
 #[tokio::test]
+async fn scrollback_pages_backwards_across_items_and_stops_where_retention_removed_messages() {
+    let setup = Setup::new();
+    let settings = Settings {
+        retention: Duration::from_secs(3600),
+        dedupe_window: Duration::from_secs(60),
+        ..Settings::default()
+    };
+    let store = setup.writer(settings);
+    let lobby = room("lobby");
+    // Items [1,1] [2,5], then half an hour later [6,6] [7,7].
+    setup.table.hold_puts();
+    let mut tasks = Vec::new();
+    for i in 1..=5 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&store, "lobby", &format!("m{i}")).await
+        }));
+        if i == 1 {
+            setup.table.puts_held(1).await;
+        }
+    }
+    until(|| store.queued(&lobby) == 4, "4 queued").await;
+    setup.table.open_puts();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    setup.clock.advance(Duration::from_secs(1800));
+    send(&store, "lobby", "m6").await;
+    send(&store, "lobby", "m7").await;
+    assert_eq!(setup.items(&lobby), [(1, 1), (2, 5), (6, 6), (7, 7)]);
+
+    let seqs = |page: &HistoryPage| page.messages.iter().map(|m| m.seq.0).collect::<Vec<_>>();
+    let page = |before: Option<u64>, limit: u32| {
+        let store = store.clone();
+        let lobby = lobby.clone();
+        async move {
+            let page = store
+                .history_before(&lobby, before.map(Seq), limit)
+                .await
+                .unwrap();
+            (page.head.0, seqs(&page))
+        }
+    };
+    assert_eq!(
+        page(None, 3).await,
+        (7, vec![5, 6, 7]),
+        "the newest, oldest first"
+    );
+    assert_eq!(page(Some(5), 3).await, (7, vec![2, 3, 4]), "inside an item");
+    assert_eq!(page(Some(3), 10).await, (7, vec![1, 2]), "down to seq 1");
+    assert_eq!(page(Some(1), 10).await, (7, vec![]), "nothing before seq 1");
+    assert_eq!(
+        page(Some(100), 2).await,
+        (7, vec![6, 7]),
+        "before past the head"
+    );
+    assert_eq!(page(None, 0).await, (7, vec![]), "limit 0 reads the head");
+    let all = store.history_before(&lobby, None, 10).await.unwrap();
+    let ids: Vec<&str> = all.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2", "m3", "m4", "m5", "m6", "m7"]);
+    assert_eq!(
+        store
+            .history_before(&room("empty"), None, 10)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        0
+    );
+
+    // The first two items expire: scrollback ends at 6, with no error, whether DynamoDB has
+    // deleted them yet or not.
+    setup.clock.advance(Duration::from_secs(1801));
+    for deleted in [false, true] {
+        if deleted {
+            setup.table.delete_expired(setup.clock.now_ms());
+        }
+        assert_eq!(page(None, 10).await, (7, vec![6, 7]));
+        assert_eq!(page(Some(6), 10).await, (7, vec![]));
+        assert_eq!(page(Some(4), 10).await, (7, vec![]));
+    }
+}
+
+#[tokio::test]
 async fn a_room_whose_every_item_expired_continues_above_every_seq_it_may_have_used() {
     let setup = Setup::new();
     let settings = Settings {

@@ -167,6 +167,19 @@ pub trait MessageStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<HistoryPage, StoreError>;
 
+    /// Scrollback: the newest `limit` messages with seq < `before` (≤ the head if `None`), oldest
+    /// first, and the room's head. The page is consecutive and ends right below `before`; it
+    /// stops early (or is empty) where retention has removed older messages.
+    ///
+    /// # Errors
+    /// [`StoreError::Unexpected`] when the database fails.
+    async fn history_before(
+        &self,
+        room: &RoomId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError>;
+
     /// What the store has cost so far.
     fn usage(&self) -> Usage;
 }

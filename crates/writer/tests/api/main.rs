@@ -37,6 +37,23 @@ async fn sends_get_dense_seqs_and_history_returns_them_in_order() {
     assert_eq!(seqs, [2, 3]);
     assert_eq!(page.messages[0].body.as_str(), "msg 1");
     assert_eq!(page.messages[0].sender.as_str(), "john");
+
+    // Scrollback: the newest messages below `before`, oldest first.
+    for (query, expected) in [
+        ("before=3&limit=10", vec![1, 2]),
+        ("before=4&limit=2", vec![2, 3]),
+        ("before=1", vec![]),
+        ("before=99&limit=1", vec![3]),
+    ] {
+        let page: HistoryPage = app
+            .get(&format!("/v1/rooms/lobby/messages?{query}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq.0).collect();
+        assert_eq!((page.head.0, seqs), (3, expected), "{query}");
+    }
 }
 
 #[tokio::test]
@@ -129,6 +146,18 @@ async fn invalid_input_gets_a_clear_400_and_stores_nothing() {
         app.get("/v1/rooms/lobby/messages?after=-1").await,
         "invalid_after",
         "after",
+    )
+    .await;
+    assert_bad_request(
+        app.get("/v1/rooms/lobby/messages?before=0").await,
+        "invalid_before",
+        "before must be a whole number from 1",
+    )
+    .await;
+    assert_bad_request(
+        app.get("/v1/rooms/lobby/messages?after=1&before=5").await,
+        "invalid_before",
+        "not both",
     )
     .await;
     assert_bad_request(

@@ -33,6 +33,15 @@ impl MessageLog for EmptyLog {
             messages: Vec::new(),
         })
     }
+
+    async fn scrollback(
+        &self,
+        room: &RoomId,
+        _: Option<Seq>,
+        limit: u32,
+    ) -> Result<HistoryPage, LogError> {
+        self.history(room, Seq(0), limit).await
+    }
 }
 
 /// Serves until stdin closes; prints `ready <addr>` once `/readyz` answers 200.
