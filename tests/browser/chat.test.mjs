@@ -12,6 +12,9 @@ const B = process.env.CHORUS_PAGE_B ?? "http://127.0.0.1:8082/";
 const gatewayAPid = Number(process.env.CHORUS_GATEWAY_A_PID);
 const jwtSecret = process.env.CHORUS_JWT_SECRET;
 const chatBin = process.env.CHORUS_CHAT_BIN ?? "target/debug/chorus-chat";
+const writerBin = process.env.CHORUS_WRITER_BIN ?? "target/debug/chorus-writer";
+const writerUrl = process.env.CHORUS_WRITER_URL ?? "http://127.0.0.1:8080";
+const serviceKey = process.env.CHORUS_SERVICE_KEY;
 const artifacts = process.env.CHORUS_ARTIFACTS ?? "artifacts";
 const room = `browser-${Date.now()}`;
 const WAIT = { timeout: 15000 };
@@ -38,6 +41,21 @@ async function join(page, name, token = "") {
 function mintToken(sub, rooms) {
   return execFileSync(chatBin, ["mint-token", "--secret-file", jwtSecret, "--sub", sub,
     "--rooms", rooms.join(",")], { encoding: "utf8" }).trim();
+}
+
+/** Posts `count` messages to the room as a backend would (the writer's publish API). */
+async function publish(count) {
+  assert.ok(serviceKey, "CHORUS_SERVICE_KEY must name the dev stack's service key");
+  const token = execFileSync(writerBin, ["mint-token", "--service-key-file", serviceKey, "--sub", "browser-test",
+    "--rooms", room, "--senders", "bot", "--ttl", "10m"], { encoding: "utf8" }).trim();
+  for (let i = 1; i <= count; i++) {
+    const res = await fetch(`${writerUrl}/v1/rooms/${room}/messages`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+      body: JSON.stringify({ id: `bot-${i}`, sender: "bot", body: `bot ${i}` }),
+    });
+    assert.equal(res.status, 201, `publish ${i}: ${await res.text()}`);
+  }
 }
 
 async function say(page, text) {
@@ -99,6 +117,26 @@ test("two windows on two gateways chat, and a drained gateway's window resumes e
     assert.deepEqual(await transcript(lucy), expected, "Lucy sees every message once, in order");
     await john.screenshot({ path: `${artifacts}/browser-john-after-drain.png` });
     await lucy.screenshot({ path: `${artifacts}/browser-lucy-after-drain.png` });
+
+    // A window that joins later shows the newest page of what was said before (scrollback),
+    // and "Load earlier messages" pages back to seq 1: each message once, in order.
+    const BOT = 60;
+    await publish(BOT);
+    await sees(lucy, `bot ${BOT}`);
+    const all = [...expected, ...Array.from({ length: BOT }, (_, i) => [expected.length + 1 + i, `bot ${i + 1}`])];
+    const ann = await open(browser, B);
+    await join(ann, "ann");
+    await ann.waitForSelector(`#messages li[data-seq="${all.length}"]`, WAIT);
+    await ann.waitForSelector("#earlier:not([hidden])", WAIT);
+    assert.deepEqual(await transcript(ann), all.slice(-50), "the newest page first");
+    await ann.click("#earlier");
+    await ann.waitForSelector('#messages li[data-seq="1"]', WAIT);
+    assert.deepEqual(await transcript(ann), all, "then every earlier message once, in order");
+    await ann.waitForSelector("#earlier[hidden]", { ...WAIT, state: "attached" });
+    await say(lucy, "welcome Ann");
+    await sees(ann, "welcome Ann");
+    assert.deepEqual(await transcript(ann), [...all, [all.length + 1, "welcome Ann"]]);
+    await ann.screenshot({ path: `${artifacts}/browser-ann-scrollback.png` });
 
     // A token that does not allow the room: the page says so.
     const mallory = await open(browser, B);

@@ -200,3 +200,56 @@ test("4500 and above stop the client; it says why and rejects what waited", asyn
   await new Promise((r) => setTimeout(r, 20));
   assert.equal(ScriptedSocket.instances.length, 1, "no reconnect");
 });
+
+test("history asks with an id, resolves with the page, retries when unavailable and after a reconnect", async () => {
+  const { c } = client({ idPrefix: "t" });
+  c.connect();
+  await nextSocket(0);
+  socket(0).open();
+  const first = c.history("lobby", { limit: 2 });
+  const request = socket(0).sent.at(-1);
+  assert.deepEqual(request, { type: "history", room: "lobby", id: "t-h1", limit: 2 });
+  socket(0).frame({ type: "history", room: "lobby", id: "t-h1", messages: [message("lobby", 7), message("lobby", 8)] });
+  assert.deepEqual((await first).map((m) => m.seq), [7, 8]);
+
+  // unavailable: asked again after a backoff, same id.
+  const second = c.history("lobby", { before: 7, limit: 2 });
+  assert.deepEqual(socket(0).sent.at(-1), { type: "history", room: "lobby", id: "t-h2", before: 7, limit: 2 });
+  socket(0).frame({ type: "error", code: "unavailable", message: "try again", ref: "t-h2", room: "lobby" });
+  for (let i = 0; i < 1000 && socket(0).sent.filter((f) => f.id === "t-h2").length < 2; i++) await new Promise((r) => setTimeout(r, 1));
+  assert.equal(socket(0).sent.filter((f) => f.id === "t-h2").length, 2, "asked again");
+
+  // The connection drops before the answer: asked again on the next one.
+  socket(0).closeWith(4000);
+  await nextSocket(1);
+  socket(1).open();
+  for (let i = 0; i < 1000 && !socket(1).sent.some((f) => f.id === "t-h2"); i++) await new Promise((r) => setTimeout(r, 1));
+  assert.deepEqual(socket(1).sent.find((f) => f.id === "t-h2"), { type: "history", room: "lobby", id: "t-h2", before: 7, limit: 2 });
+  socket(1).frame({ type: "history", room: "lobby", id: "t-h2", messages: [message("lobby", 5), message("lobby", 6)] });
+  // A duplicated answer is ignored.
+  socket(1).frame({ type: "history", room: "lobby", id: "t-h2", messages: [] });
+  assert.deepEqual((await second).map((m) => m.seq), [5, 6]);
+
+  // Refused for good: rejected with the gateway's code.
+  const third = c.history("admin");
+  socket(1).frame({ type: "error", code: "forbidden", message: "your token does not allow room admin", ref: "t-h3", room: "admin" });
+  await assert.rejects(third, (e) => e.code === "forbidden" && e.room === "admin" && e.ref === "t-h3");
+  c.close();
+});
+
+test("history refuses bad arguments and more than 16 waiting requests, before sending anything", async () => {
+  const { c } = client();
+  for (const [room, options] of [
+    ["no spaces", {}],
+    ["lobby", { before: 0 }],
+    ["lobby", { before: 1.5 }],
+    ["lobby", { limit: 0 }],
+    ["lobby", { limit: 101 }],
+  ]) {
+    await assert.rejects(c.history(room, options), (e) => e.code === "invalid", JSON.stringify([room, options]));
+  }
+  const waiting = Array.from({ length: 16 }, () => c.history("lobby"));
+  await assert.rejects(c.history("lobby"), (e) => e.code === "queue_full");
+  c.close();
+  for (const request of waiting) await assert.rejects(request, (e) => e.code === "closed");
+});

@@ -458,6 +458,58 @@ const RUNNERS = {
       assert.equal(client.client.state, "disconnected");
     });
   },
+
+  async scrollback(p) {
+    await withStack({ gateways: 1 }, async (stack, defer) => {
+      const [g0] = stack.gateways;
+      const proxy = await TcpProxy.start(g0.addr);
+      defer(() => proxy.close());
+      const room = roomName("scrollback");
+      const sender = new Recorder("sender", [g0.ws()]);
+      defer(() => sender.close());
+      await sender.join(room);
+      await sendInTurn(sender, room, p.messages, "scroll");
+      const stored = await stack.history(room);
+      assert.equal(stored.length, p.messages);
+
+      const reader = new Recorder("reader", [proxy.ws()]);
+      defer(() => reader.close());
+      await progress.until(() => reader.client.state === "connected", "reader to connect");
+      const ask = (before, what) =>
+        progress.settle(reader.client.history(room, before === undefined ? { limit: p.limit } : { before, limit: p.limit }), what);
+      const pages = [{ before: undefined, messages: await ask(undefined, "the newest page") }];
+
+      // The next request is held by the proxy, then its connection cut: the client asks again.
+      proxy.pause();
+      const before = pages[0].messages[0].seq;
+      const held = reader.client.history(room, { before, limit: p.limit });
+      proxy.cut();
+      proxy.resume();
+      pages.push({ before, messages: await progress.settle(held, "the page asked for before the cut") });
+      assert.ok(reader.client.stats.connections >= 2, "the held request was answered on a new connection");
+
+      while (pages.at(-1).messages.length > 0) {
+        const before = pages.at(-1).messages[0].seq;
+        pages.push({ before, messages: await ask(before, `the page before ${before}`) });
+      }
+      for (const page of pages) {
+        const seqs = page.messages.map((m) => m.seq);
+        assert.ok(seqs.length <= p.limit, `at most ${p.limit} messages: ${seqs}`);
+        const end = page.before === undefined ? p.messages : page.before - 1;
+        if (seqs.length > 0) {
+          assert.deepEqual(seqs, Array.from({ length: seqs.length }, (_, i) => end - seqs.length + 1 + i), "consecutive, ending below before");
+        }
+      }
+      const all = pages.reverse().flatMap((page) => page.messages);
+      assert.deepEqual(
+        all.map((m) => [m.seq, m.id, m.sender, m.body]),
+        stored.map((m) => [m.seq, m.id, m.sender, m.body]),
+        "the pages together are what the writer stored",
+      );
+      assert.deepEqual(reader.of("message"), [], "scrollback delivers no message events");
+      assert.deepEqual(reader.of("joined"), [], "scrollback joins nothing");
+    });
+  },
 };
 
 for (const scenario of SUITE.scenarios) {

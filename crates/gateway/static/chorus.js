@@ -46,6 +46,10 @@ export const CloseCode = {
 export function shouldResume(code) {
     return code >= 4000 && code < 4500;
 }
+/** Most messages one {@link ChorusClient.history} page holds. */
+export const MAX_HISTORY_LIMIT = 100;
+/** Most {@link ChorusClient.history} requests waiting for their answer at once. */
+export const MAX_PENDING_HISTORY = 16;
 /** Why something failed. `code` is a gateway error code or one of this client's own. */
 export class ChorusError extends Error {
     /**
@@ -119,6 +123,9 @@ export class ChorusClient {
     /** Sends awaiting their ack, in the order the app made them. */
     #pending = new Map();
     #nextId = 0;
+    /** Scrollback requests awaiting their page. */
+    #histories = new Map();
+    #nextHistoryId = 0;
     #handlers = {
         message: new Set(),
         state: new Set(),
@@ -326,6 +333,40 @@ export class ChorusClient {
         this.#pump();
         return acked;
     }
+    /**
+     * Scrollback ("load earlier messages"): up to `limit` (default 50, at most
+     * {@link MAX_HISTORY_LIMIT}) of the room's messages with seq below `before` (the newest ones
+     * without it), oldest first and consecutive. Fewer when the room has no more, or when large
+     * messages would not fit one frame; an empty array when nothing earlier is stored (seq 1, or
+     * past retention). Page on with `before` set to the first message's seq. The room need not be
+     * joined; this neither joins it nor changes its position or the `message` events. Sent again
+     * after a reconnect until answered.
+     *
+     * Rejects with a {@link ChorusError}: `invalid` (room, before or limit), `queue_full`
+     * ({@link MAX_PENDING_HISTORY} requests wait), `forbidden` (the token does not allow the
+     * room) or another refusal of the gateway, `closed`, `disconnected`.
+     */
+    history(room, options = {}) {
+        if (!ROOM.test(room)) {
+            return Promise.reject(new ChorusError("invalid", "a room name is 1–128 of A-Z a-z 0-9 _ . : -", { room }));
+        }
+        const { before, limit = 50 } = options;
+        if (before !== undefined && !(Number.isSafeInteger(before) && before >= 1)) {
+            return Promise.reject(new ChorusError("invalid", "before is a seq: an integer ≥ 1", { room }));
+        }
+        if (!(Number.isSafeInteger(limit) && limit >= 1 && limit <= MAX_HISTORY_LIMIT)) {
+            return Promise.reject(new ChorusError("invalid", `limit is an integer from 1 to ${MAX_HISTORY_LIMIT}`, { room }));
+        }
+        if (this.#histories.size >= MAX_PENDING_HISTORY) {
+            return Promise.reject(new ChorusError("queue_full", `${MAX_PENDING_HISTORY} history requests are waiting: wait for some first`, { room }));
+        }
+        const id = `${this.#idPrefix}-h${++this.#nextHistoryId}`;
+        const page = new Promise((resolve, reject) => {
+            this.#histories.set(id, { id, room, before, limit, sent: false, retryAt: 0, failures: 0, deferred: { resolve, reject } });
+        });
+        this.#pump();
+        return page;
+    }
     // ---- connection lifecycle -------------------------------------------------------------------
     async #open() {
         const generation = ++this.#generation;
@@ -501,6 +542,10 @@ export class ChorusClient {
             send.sent = false;
             send.retryAt = 0;
         }
+        for (const request of this.#histories.values()) {
+            request.sent = false;
+            request.retryAt = 0;
+        }
     }
     /** Rejects every waiting promise (the client stops). */
     #failAll(error) {
@@ -509,6 +554,11 @@ export class ChorusClient {
             state.waiters = [];
             for (const waiter of waiters)
                 waiter.reject(new ChorusError(error.code, error.message, { room, closeCode: error.closeCode }));
+        }
+        const histories = [...this.#histories.values()];
+        this.#histories.clear();
+        for (const request of histories) {
+            request.deferred.reject(new ChorusError(error.code, error.message, { room: request.room, ref: request.id, closeCode: error.closeCode }));
         }
         const pending = [...this.#pending.values()];
         this.#pending.clear();
@@ -579,6 +629,15 @@ export class ChorusClient {
             send.everSent = true;
             this.#write({ type: "send", room: send.room, id: send.id, body: send.body });
         }
+        for (const request of this.#histories.values()) {
+            if (request.sent || request.retryAt > now)
+                continue;
+            request.sent = true;
+            const frame = { type: "history", room: request.room, id: request.id, limit: request.limit };
+            if (request.before !== undefined)
+                frame.before = request.before;
+            this.#write(frame);
+        }
         this.#armTimers(now);
     }
     /** Wakes up for the next retry that is due, and watches for a silent connection. */
@@ -587,6 +646,10 @@ export class ChorusClient {
         for (const send of this.#pending.values()) {
             if (!send.sent && send.retryAt > now)
                 next = Math.min(next, send.retryAt);
+        }
+        for (const request of this.#histories.values()) {
+            if (!request.sent && request.retryAt > now)
+                next = Math.min(next, request.retryAt);
         }
         if (next < this.#retryTimerAt) {
             clearTimeout(this.#retryTimer);
@@ -606,6 +669,9 @@ export class ChorusClient {
             return true;
         for (const send of this.#pending.values())
             if (send.sent)
+                return true;
+        for (const request of this.#histories.values())
+            if (request.sent)
                 return true;
         return false;
     }
@@ -643,6 +709,9 @@ export class ChorusClient {
                 break;
             case "ack":
                 this.#onAck(frame);
+                break;
+            case "history":
+                this.#onHistory(frame);
                 break;
             case "error":
                 this.#onError(frame);
@@ -743,8 +812,33 @@ export class ChorusClient {
         this.#pending.delete(frame.id);
         send.deferred.resolve({ id: frame.id, room: frame.room, seq: frame.seq });
     }
+    #onHistory(frame) {
+        const request = this.#histories.get(frame.id);
+        if (!request)
+            return; // answered before (a duplicated frame), or the client was closed
+        this.#histories.delete(frame.id);
+        request.deferred.resolve(frame.messages.map((m) => ({ room: m.room, seq: m.seq, id: m.id, sender: m.sender, body: m.body, ts: m.ts })));
+    }
+    #onHistoryError(frame, request) {
+        switch (frame.code) {
+            case "unavailable":
+            case "rate_limited":
+                request.failures += 1;
+                request.sent = false;
+                request.retryAt = Date.now() + this.#delay(request.failures);
+                return;
+            default:
+                this.#histories.delete(request.id);
+                request.deferred.reject(new ChorusError(frame.code, frame.message, { room: request.room, ref: request.id }));
+        }
+    }
     #onError(frame) {
         const ref = frame.ref ?? undefined;
+        const request = ref === undefined ? undefined : this.#histories.get(ref);
+        if (request) {
+            this.#onHistoryError(frame, request);
+            return;
+        }
         if (ref !== undefined) {
             this.#onSendError(frame, ref);
             return;
