@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chorus_service::LogArgs;
 
-use crate::store::Settings;
+use crate::store::{InvalidSettings, Settings};
 
 /// `chorus-writer [serve] …` or `chorus-writer create-table …`.
 #[derive(Debug, clap::Parser)]
@@ -115,8 +115,8 @@ impl Config {
     /// The store settings, checked.
     ///
     /// # Errors
-    /// A sentence naming the setting that does not make sense.
-    pub fn settings(&self) -> Result<Settings, String> {
+    /// [`InvalidSettings`] naming the setting that does not make sense.
+    pub fn settings(&self) -> Result<Settings, InvalidSettings> {
         let settings = Settings {
             retention: self.retention,
             dedupe_window: self.dedupe_window,
@@ -176,7 +176,13 @@ mod tests {
         assert!(parse_duration("90").unwrap_err().contains("no unit"));
         assert!(parse_duration("3w").unwrap_err().contains("unit"));
         let short = Cli::parse_from(["chorus-writer", "--retention", "30m"]).config;
-        assert!(short.settings().unwrap_err().contains("at least 1 hour"));
+        assert!(
+            short
+                .settings()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1 hour")
+        );
         let window = Cli::parse_from([
             "chorus-writer",
             "--retention",
@@ -185,12 +191,19 @@ mod tests {
             "20m",
         ])
         .config;
-        assert!(window.settings().unwrap_err().contains("4 times"));
+        assert!(
+            window
+                .settings()
+                .unwrap_err()
+                .to_string()
+                .contains("4 times")
+        );
         let memory = Cli::parse_from(["chorus-writer", "--dedupe-memory-entries", "10"]).config;
         assert!(
             memory
                 .settings()
                 .unwrap_err()
+                .to_string()
                 .contains("at least the dedupe window")
         );
     }

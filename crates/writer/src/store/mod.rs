@@ -209,12 +209,21 @@ impl Default for Settings {
     }
 }
 
+/// Store settings that would break one of the store's promises; the message names the setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSettings(String);
+
 impl Settings {
     /// Checks that the settings keep the store's promises.
     ///
     /// # Errors
-    /// A sentence naming the setting that does not.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`InvalidSettings`] naming the setting that does not.
+    pub fn validate(&self) -> Result<(), InvalidSettings> {
+        self.check().map_err(InvalidSettings)
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.retention < Duration::from_secs(3600) {
             return Err(format!(
                 "retention must be at least 1 hour, got {:?}",
