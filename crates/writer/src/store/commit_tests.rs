@@ -353,8 +353,9 @@ async fn items_stay_under_the_size_and_count_bounds() {
     );
 }
 
-#[tokio::test]
-async fn history_reads_across_items_and_expired_history_is_refused_with_the_oldest_seq() {
+/// Room "lobby" with items [1,1] [2,5] and, half an hour later, [6,6] [7,7] (m1..m7), kept for
+/// an hour: the first two items expire first.
+async fn lobby_of_seven_messages() -> (Setup, Writer, RoomId) {
     let setup = Setup::new();
     let settings = Settings {
         retention: Duration::from_secs(3600),
@@ -383,6 +384,13 @@ async fn history_reads_across_items_and_expired_history_is_refused_with_the_olde
     setup.clock.advance(Duration::from_secs(1800));
     send(&store, "lobby", "m6").await;
     send(&store, "lobby", "m7").await;
+    assert_eq!(setup.items(&lobby), [(1, 1), (2, 5), (6, 6), (7, 7)]);
+    (setup, store, lobby)
+}
+
+#[tokio::test]
+async fn history_reads_across_items_and_expired_history_is_refused_with_the_oldest_seq() {
+    let (setup, store, lobby) = lobby_of_seven_messages().await;
 
     let seqs = |page: &HistoryPage| page.messages.iter().map(|m| m.seq.0).collect::<Vec<_>>();
     // A page can start inside an item and end inside another.
@@ -427,35 +435,7 @@ async fn history_reads_across_items_and_expired_history_is_refused_with_the_olde
 
 #[tokio::test]
 async fn scrollback_pages_backwards_across_items_and_stops_where_retention_removed_messages() {
-    let setup = Setup::new();
-    let settings = Settings {
-        retention: Duration::from_secs(3600),
-        dedupe_window: Duration::from_secs(60),
-        ..Settings::default()
-    };
-    let store = setup.writer(settings);
-    let lobby = room("lobby");
-    // Items [1,1] [2,5], then half an hour later [6,6] [7,7].
-    setup.table.hold_puts();
-    let mut tasks = Vec::new();
-    for i in 1..=5 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            send(&store, "lobby", &format!("m{i}")).await
-        }));
-        if i == 1 {
-            setup.table.puts_held(1).await;
-        }
-    }
-    until(|| store.queued(&lobby) == 4, "4 queued").await;
-    setup.table.open_puts();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    setup.clock.advance(Duration::from_secs(1800));
-    send(&store, "lobby", "m6").await;
-    send(&store, "lobby", "m7").await;
-    assert_eq!(setup.items(&lobby), [(1, 1), (2, 5), (6, 6), (7, 7)]);
+    let (setup, store, lobby) = lobby_of_seven_messages().await;
 
     let seqs = |page: &HistoryPage| page.messages.iter().map(|m| m.seq.0).collect::<Vec<_>>();
     let page = |before: Option<u64>, limit: u32| {
