@@ -16,6 +16,7 @@
 //! duplicates.) A record that can never be published (poison) goes to the dead-letter queue with
 //! its reason, or is logged and skipped when none is configured: it never blocks the shard.
 
+pub mod app;
 pub mod config;
 pub mod dead_letter;
 pub mod pack;
@@ -27,6 +28,7 @@ use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse
 use chorus_protocol::message::MARKER_SEQ;
 use chorus_protocol::{MessageEvent, StoredBatch};
 
+pub use crate::app::App;
 pub use crate::dead_letter::{DeadLetter, DeadLetterError, SqsDeadLetter};
 use crate::pack::{MAX_SNS_MESSAGE_BYTES, Pack, pack_events};
 
