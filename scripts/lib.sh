@@ -129,51 +129,71 @@ use_emulator_env() {
   export AWS_EC2_METADATA_DISABLED=true
 }
 
-# start_emulators: the local emulators (scripts/emulator) unless AWS_ENDPOINT_URL already points
-# somewhere, then the endpoints (use_emulator_env). stop_emulators stops them again if this
-# script started them: call it from the EXIT trap.
-STARTED_EMULATORS=false
+# --- What a script starts, and the one EXIT trap that stops it ------------------------------
+#
+# A script registers each clean-up step with at_exit as it starts something (start_service and
+# start_emulators do it themselves). The first registration installs the one EXIT trap: it runs
+# the steps last registered first (so gateways, started last, stop while the emulators they
+# unsubscribe from still run), ignores further Ctrl-C and TERM until it is done, and keeps the
+# script's exit status; SIGINT and SIGTERM make the script exit (130), which runs the same trap.
+# Steps run in the script's own shell: never call at_exit in a subshell or $(…).
+EXIT_STEPS=()
+at_exit() {
+  if [ "${#EXIT_STEPS[@]}" -eq 0 ]; then
+    trap run_exit_steps EXIT
+    trap 'exit 130' INT TERM
+  fi
+  EXIT_STEPS+=("$(printf '%q ' "$@")")
+}
+run_exit_steps() {
+  local rc=$? i
+  trap '' INT TERM
+  trap - EXIT
+  for ((i = ${#EXIT_STEPS[@]} - 1; i >= 0; i--)); do
+    eval "${EXIT_STEPS[i]}" || true
+  done
+  exit "$rc"
+}
+
+# start_emulators: the local emulators (scripts/emulator, stopped again when the script exits)
+# unless AWS_ENDPOINT_URL already points somewhere, then the endpoints (use_emulator_env).
 start_emulators() {
   if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
-    STARTED_EMULATORS=true
+    at_exit "$ROOT/scripts/emulator" stop
     "$ROOT/scripts/emulator" start
   fi
   use_emulator_env
 }
-stop_emulators() {
-  if $STARTED_EMULATORS; then "$ROOT/scripts/emulator" stop; fi
+
+# spawn NAME CMD...: run CMD in the background with its output in .run/NAME.log and its PID in
+# .run/NAME.pid. Nothing stops it when the script exits (the emulators outlive scripts/emulator):
+# see start_service.
+spawn() {
+  local name=$1
+  shift
+  "$@" >"$RUN_DIR/$name.log" 2>&1 &
+  echo $! >"$RUN_DIR/$name.pid"
 }
 
-# await_start NAME PIDFILE LOGFILE CHECK...: wait until the command CHECK succeeds while the
-# process in PIDFILE lives. Gives up, showing the log, if the process exits, or if neither CHECK
-# succeeded nor the log grew for 120 s (a busy machine only slows a start that progresses).
-await_start() {
-  local name=$1 pidfile=$2 logfile=$3 pid size last_size=-1 quiet=0
-  shift 3
-  pid=$(cat "$pidfile")
-  while ! "$@"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      tail -n 30 "$logfile" >&2 || true
-      rm -f "$pidfile"
-      die "$name exited during start-up (log: $logfile)"
-    fi
-    size=$(stat -c %s "$logfile" 2>/dev/null || echo 0)
-    if [ "$size" != "$last_size" ]; then last_size=$size quiet=0; else quiet=$((quiet + 1)); fi
-    if ((quiet >= 1200)); then
-      tail -n 30 "$logfile" >&2 || true
-      stop_pidfile "$pidfile"
-      die "$name did not answer, and logged nothing, for 120 s (log: $logfile)"
-    fi
-    sleep 0.1
-  done
+# start_service [--script] NAME CMD...: spawn, and stop it by that PID when the script exits
+# (stop_pidfile; with --script, for a script that stops its own services, stop_script).
+start_service() {
+  local stop=stop_pidfile
+  if [ "$1" = --script ]; then stop=stop_script; shift; fi
+  # A pid file left by an earlier run names no process of ours: never stop that one.
+  rm -f "$RUN_DIR/$1.pid"
+  at_exit "$stop" "$RUN_DIR/$1.pid"
+  spawn "$@"
 }
 
-# stop_pidfile FILE: SIGTERM the process in FILE, wait up to 15 s, then SIGKILL.
+# stop_pidfile FILE [LABEL]: SIGTERM the process in FILE, wait up to 15 s, then SIGKILL; with
+# LABEL, say so first when it runs.
 stop_pidfile() {
-  local file=$1 pid i
+  local file=$1 label=${2:-} pid i
   [ -f "$file" ] || return 0
   pid=$(cat "$file")
   if kill -0 "$pid" 2>/dev/null; then
+    [ -z "$label" ] || log "stopping $label (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 150; i++)); do
       kill -0 "$pid" 2>/dev/null || break
@@ -187,29 +207,50 @@ stop_pidfile() {
   rm -f "$file"
 }
 
-# start_bg NAME CMD...: run CMD in the background with its log in .run/NAME.log and PID in
-# .run/NAME.pid.
-start_bg() {
-  local name=$1
-  shift
-  "$@" >"$RUN_DIR/$name.log" 2>&1 &
-  echo $! >"$RUN_DIR/$name.pid"
+# stop_script FILE: SIGTERM the child script in FILE (scripts/dev) and wait for its own EXIT trap
+# to stop what it started: each of those stops is bounded, so this wait is too.
+stop_script() {
+  local file=$1 pid
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -f "$file"
 }
 
-# wait_ready NAME URL: wait for URL to answer 2xx while NAME's process lives; on failure show its log.
-wait_ready() {
-  local name=$1 url=$2 pid i
-  pid=$(cat "$RUN_DIR/$name.pid")
-  for ((i = 0; i < 300; i++)); do
+# await_ready [--as LABEL] NAME CHECK...: wait until the command CHECK succeeds while the process
+# in .run/NAME.pid lives. Gives up, showing .run/NAME.log and naming LABEL (default NAME), if the
+# process exits, or once neither CHECK succeeded nor the log grew for READY_QUIET_SECS (120 s): a
+# busy machine only slows a start that progresses, so the give-up is not a wall clock.
+READY_QUIET_SECS=120
+await_ready() {
+  local label=""
+  if [ "$1" = --as ]; then label=$2; shift 2; fi
+  local name=$1 pidfile="$RUN_DIR/$1.pid" logfile="$RUN_DIR/$1.log" pid size last_size=-1 since=$SECONDS
+  shift
+  label=${label:-$name}
+  pid=$(cat "$pidfile")
+  while ! "$@"; do
     if ! kill -0 "$pid" 2>/dev/null; then
-      tail -n 30 "$RUN_DIR/$name.log" >&2 || true
-      die "$name exited during start-up (log: $RUN_DIR/$name.log)"
+      tail -n 30 "$logfile" >&2 || true
+      rm -f "$pidfile"
+      die "$label exited during start-up (log: $logfile)"
     fi
-    if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+    size=$(stat -c %s "$logfile" 2>/dev/null || echo 0)
+    if [ "$size" != "$last_size" ]; then
+      last_size=$size since=$SECONDS
+    elif ((SECONDS - since >= READY_QUIET_SECS)); then
+      tail -n 30 "$logfile" >&2 || true
+      stop_pidfile "$pidfile"
+      die "$label did not answer ($*), and logged nothing, for $READY_QUIET_SECS s (log: $logfile)"
+    fi
     sleep 0.1
   done
-  tail -n 30 "$RUN_DIR/$name.log" >&2 || true
-  die "$name not ready at $url within 30 s (log: $RUN_DIR/$name.log)"
+}
+
+# http_ok URL: whether URL answers 2xx (a readiness CHECK for await_ready).
+http_ok() {
+  curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null
 }
 
 # port_free PORT: fail clearly if something listens on 127.0.0.1:PORT already.

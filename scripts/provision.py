@@ -25,6 +25,10 @@ from botocore.exceptions import ClientError
 from cfnlint.decode import cfn_yaml
 
 
+# How long a stack may go without any new status or event before provisioning gives up.
+STACK_QUIET_SECS = 60
+
+
 def log(message):
     print(f"provision: {message}", file=sys.stderr)
 
@@ -101,14 +105,22 @@ def create_stack(cfn, stack, body, table, topic):
                 {"ParameterKey": "TopicName", "ParameterValue": topic},
             ],
         )
-    for _ in range(300):
+    # Wait while the stack progresses: give up only when neither its status nor its events changed
+    # for STACK_QUIET_SECS (a busy machine slows a stack down; it does not stop it).
+    progress, since = None, time.monotonic()
+    while True:
         status = cfn.describe_stacks(StackName=stack)["Stacks"][0]
         if status["StackStatus"].endswith("_COMPLETE") and "ROLLBACK" not in status["StackStatus"]:
             return {o["OutputKey"]: o["OutputValue"] for o in status.get("Outputs", [])}
         if "FAILED" in status["StackStatus"] or "ROLLBACK" in status["StackStatus"]:
             sys.exit(f"stack {stack}: {status['StackStatus']}: {status.get('StackStatusReason', '')}")
+        events = cfn.describe_stack_events(StackName=stack)["StackEvents"]
+        now = (status["StackStatus"], len(events), events[0]["EventId"] if events else None)
+        if now != progress:
+            progress, since = now, time.monotonic()
+        elif time.monotonic() - since >= STACK_QUIET_SECS:
+            sys.exit(f"stack {stack}: still {status['StackStatus']}, no new event for {STACK_QUIET_SECS} s")
         time.sleep(0.2)
-    sys.exit(f"stack {stack} not complete after 60 s")
 
 
 def cloudformation_served(cfn):

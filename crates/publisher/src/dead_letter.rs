@@ -3,10 +3,9 @@
 
 use aws_lambda_events::dynamodb::EventRecord;
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use serde::Serialize;
 
-use crate::PublishError;
+use crate::BoxError;
 
 /// A destination for records that can never be published.
 #[async_trait::async_trait]
@@ -15,7 +14,17 @@ pub trait DeadLetter: Send + Sync {
     ///
     /// # Errors
     /// When the record may not have been stored (the batch then resumes at it).
-    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), PublishError>;
+    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), DeadLetterError>;
+}
+
+/// A record that may not have reached the dead-letter queue.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("encoding the dead letter")]
+    Encode(#[source] serde_json::Error),
+    /// The queue did not take it: an SQS error, or whatever a test's fake says.
+    #[error("sending to the dead-letter queue")]
+    Send(#[source] BoxError),
 }
 
 /// The body of a dead-letter message.
@@ -47,7 +56,7 @@ impl SqsDeadLetter {
 
 #[async_trait::async_trait]
 impl DeadLetter for SqsDeadLetter {
-    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), PublishError> {
+    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), DeadLetterError> {
         let body = DeadLetterBody {
             reason,
             event_id: &record.event_id,
@@ -55,10 +64,7 @@ impl DeadLetter for SqsDeadLetter {
             event_source_arn: record.event_source_arn.as_deref(),
             record,
         };
-        let body = serde_json::to_string(&body).map_err(|e| PublishError {
-            first_failed: 0,
-            reason: format!("encoding the dead letter: {e}"),
-        })?;
+        let body = serde_json::to_string(&body).map_err(DeadLetterError::Encode)?;
         self.client
             .send_message()
             .queue_url(&self.queue_url)
@@ -66,9 +72,6 @@ impl DeadLetter for SqsDeadLetter {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| PublishError {
-                first_failed: 0,
-                reason: DisplayErrorContext(&e).to_string(),
-            })
+            .map_err(|e| DeadLetterError::Send(e.into()))
     }
 }

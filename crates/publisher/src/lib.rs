@@ -16,6 +16,7 @@
 //! duplicates.) A record that can never be published (poison) goes to the dead-letter queue with
 //! its reason, or is logged and skipped when none is configured: it never blocks the shard.
 
+pub mod app;
 pub mod config;
 pub mod dead_letter;
 pub mod pack;
@@ -27,7 +28,8 @@ use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse
 use chorus_protocol::message::MARKER_SEQ;
 use chorus_protocol::{MessageEvent, StoredBatch};
 
-pub use crate::dead_letter::{DeadLetter, SqsDeadLetter};
+pub use crate::app::App;
+pub use crate::dead_letter::{DeadLetter, DeadLetterError, SqsDeadLetter};
 use crate::pack::{MAX_SNS_MESSAGE_BYTES, Pack, pack_events};
 
 /// Most entries in one SNS PublishBatch call.
@@ -48,11 +50,27 @@ pub trait Publish: Send + Sync {
 
 /// A publish that failed from message `first_failed` of the call on; those records are retried.
 #[derive(Debug, thiserror::Error)]
-#[error("publishing to SNS failed at entry {first_failed}: {reason}")]
+#[error("publishing to SNS failed at entry {first_failed}")]
 pub struct PublishError {
+    /// The first message of the call that may not have been published.
     pub first_failed: usize,
-    pub reason: String,
+    /// Why: an SNS error ([`sns::SnsError`]), or whatever a test's fake says.
+    #[source]
+    pub source: BoxError,
 }
+
+impl PublishError {
+    pub fn new(first_failed: usize, source: impl Into<BoxError>) -> Self {
+        PublishError {
+            first_failed,
+            source: source.into(),
+        }
+    }
+}
+
+/// The cause behind an error of one of the publisher's traits ([`Publish`], [`DeadLetter`],
+/// [`poller::StreamSource`]), whose implementations (AWS, fakes) fail in their own ways.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What one batch did, for logs and metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -129,7 +147,11 @@ pub async fn handle_with_outcome(
             }
             Err(err) => {
                 let failed = &call[err.first_failed.min(call.len() - 1)];
-                tracing::warn!(error.message = %err, "publish failed: the batch resumes at the first record of the failed message");
+                tracing::warn!(
+                    error.message = %err,
+                    error.cause_chain = ?err,
+                    "publish failed: the batch resumes at the first record of the failed message"
+                );
                 outcome.sns_messages += err.first_failed;
                 outcome.forwarded += call[..err.first_failed.min(call.len())]
                     .iter()
@@ -154,7 +176,11 @@ pub async fn handle_with_outcome(
                     tracing::error!(event_id = %record.event_id, %reason, "poison record sent to the dead-letter queue");
                 }
                 Err(e) => {
-                    tracing::warn!(error.message = %e, "dead-letter queue unavailable: the batch resumes at the poison record");
+                    tracing::warn!(
+                        error.message = %e,
+                        error.cause_chain = ?e,
+                        "dead-letter queue unavailable: the batch resumes at the poison record"
+                    );
                     resume_at = Some(resume_at.map_or(*index, |r| r.min(*index)));
                     break;
                 }

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use chorus_service::metrics::{Counter, Exposition, Gauge};
 
 pub use self::checkpoint::{
-    Checkpoint, CheckpointError, CheckpointStore, FileCheckpoint, ShardCheckpoint,
+    Checkpoint, CheckpointError, CheckpointStore, FileCheckpoint, ShardCheckpoint, Unreadable,
 };
 pub use self::stream::{DynamoDbStream, Page, ShardInfo, StartAt, StreamError, StreamSource};
 use crate::{BatchOutcome, DeadLetter, Publish, handle_with_outcome};
@@ -234,7 +234,11 @@ pub async fn run(
                 }
                 Err(e) => {
                     metrics.read_errors.inc();
-                    tracing::warn!(error.message = %e, "describing the stream failed: retrying later");
+                    tracing::warn!(
+                        error.message = %e,
+                        error.cause_chain = ?e,
+                        "describing the stream failed: retrying later"
+                    );
                 }
             }
             next_refresh = Instant::now() + config.refresh_interval;
@@ -275,6 +279,7 @@ pub async fn run(
                     tracing::warn!(
                         shard = %id,
                         error.message = %e,
+                        error.cause_chain = ?e,
                         failures = shard.failures,
                         retry_in_ms = delay.as_millis() as u64,
                         "polling the shard failed: retrying it later"
@@ -511,7 +516,7 @@ async fn poll_shard(
                 .clone()
                 .map_or(StartAt::TrimHorizon, StartAt::After);
             let iterator = match stream.iterator(shard_id, &start).await {
-                Err(StreamError::Trimmed(e)) if shard.after.is_some() => {
+                Err(e @ StreamError::Trimmed { .. }) if shard.after.is_some() => {
                     tracing::warn!(
                         shard = %shard_id,
                         after = shard.after.as_deref().unwrap_or_default(),
@@ -786,9 +791,13 @@ mod tests {
                             .position(|r| {
                                 r.dynamodb().and_then(|d| d.sequence_number()) == Some(seq)
                             })
-                            .ok_or_else(|| StreamError::Other(format!("no record {seq}")))?;
+                            .ok_or_else(|| {
+                                StreamError::failed("GetShardIterator", format!("no record {seq}"))
+                            })?;
                         if at < shard.trimmed {
-                            return Err(StreamError::Trimmed(format!("after {seq}")));
+                            return Err(StreamError::Trimmed {
+                                call: format!("after {seq}"),
+                            });
                         }
                         at + 1
                     }
@@ -803,10 +812,12 @@ mod tests {
             self.log(Call::Records(shard_id.into()));
             self.shard(shard_id, |shard| {
                 if shard.failing {
-                    return Err(StreamError::Other("throttled".into()));
+                    return Err(StreamError::failed("GetRecords", "throttled"));
                 }
                 if index < shard.trimmed {
-                    return Err(StreamError::Trimmed("GetRecords".into()));
+                    return Err(StreamError::Trimmed {
+                        call: "GetRecords".into(),
+                    });
                 }
                 let end = (index + limit as usize).min(shard.records.len());
                 Ok(Page {

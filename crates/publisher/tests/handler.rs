@@ -10,7 +10,9 @@ use std::sync::Mutex;
 
 use aws_lambda_events::dynamodb::{Event, EventRecord};
 use chorus_protocol::BusPayload;
-use chorus_publisher::{DeadLetter, Publish, PublishError, handle, handle_with_outcome};
+use chorus_publisher::{
+    DeadLetter, DeadLetterError, Publish, PublishError, handle, handle_with_outcome,
+};
 
 /// Records what it is asked to publish; fails every call from call number `fail_from` (1-based).
 #[derive(Default)]
@@ -24,10 +26,7 @@ impl Publish for FakeSns {
     async fn publish(&self, messages: &[String]) -> Result<(), PublishError> {
         let mut calls = self.calls.lock().unwrap();
         if self.fail_from.is_some_and(|n| calls.len() + 1 >= n) {
-            return Err(PublishError {
-                first_failed: 0,
-                reason: "throttled".into(),
-            });
+            return Err(PublishError::new(0, "throttled"));
         }
         calls.push(messages.to_vec());
         Ok(())
@@ -42,12 +41,9 @@ struct FakeQueue {
 
 #[async_trait::async_trait]
 impl DeadLetter for FakeQueue {
-    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), PublishError> {
+    async fn send(&self, record: &EventRecord, reason: &str) -> Result<(), DeadLetterError> {
         if self.broken {
-            return Err(PublishError {
-                first_failed: 0,
-                reason: "queue down".into(),
-            });
+            return Err(DeadLetterError::Send("queue down".into()));
         }
         let seq = record.change.sequence_number.clone().unwrap_or_default();
         self.letters.lock().unwrap().push((seq, reason.to_owned()));

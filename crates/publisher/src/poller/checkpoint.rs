@@ -35,17 +35,30 @@ pub enum ShardCheckpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error(
-        "checkpoint file {} is not a poller checkpoint ({reason}): repair or delete it \
+        "checkpoint file {} is not a poller checkpoint: repair or delete it \
          (without it the poller starts from each shard's trim horizon)",
         path.display()
     )]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: Unreadable,
+    },
     #[error("checkpoint file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a checkpoint file is not a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    #[error("not a checkpoint's JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("version {found}, this poller reads version {FILE_VERSION}")]
+    Version { found: u32 },
 }
 
 /// Keeps the poller's [`Checkpoint`].
@@ -106,17 +119,16 @@ impl CheckpointStore for FileCheckpoint {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io(e)),
         };
-        let corrupt = |reason: String| CheckpointError::Corrupt {
+        let corrupt = |source: Unreadable| CheckpointError::Corrupt {
             path: self.path.clone(),
-            reason,
+            source,
         };
         let file: CheckpointFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(Unreadable::Json(e)))?;
         if file.version != FILE_VERSION {
-            return Err(corrupt(format!(
-                "version {}, this poller reads version {FILE_VERSION}",
-                file.version
-            )));
+            return Err(corrupt(Unreadable::Version {
+                found: file.version,
+            }));
         }
         Ok(Some(Checkpoint {
             stream_arn: file.stream_arn,

@@ -3,8 +3,10 @@
 //! [`DynamoDbStream`] is the real one, exercised against the emulator in `tests/e2e`.
 
 use aws_sdk_dynamodbstreams::Client;
-use aws_sdk_dynamodbstreams::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodbstreams::error::SdkError;
 use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType};
+
+use crate::BoxError;
 
 /// One shard as the stream describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,15 +33,35 @@ pub struct Page {
     pub next_iterator: Option<String>,
 }
 
-/// A failed stream call.
+/// A failed stream call; `call` names it (and its shard or position).
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// The position asked for is older than the shard's trim horizon (24 h on AWS).
-    #[error("{0}: the position is older than the shard's trim horizon")]
-    Trimmed(String),
+    #[error("{call}: the position is older than the shard's trim horizon")]
+    Trimmed { call: String },
+    /// The stream answered DescribeStream without a description.
+    #[error("stream {stream_arn} has no description")]
+    NoDescription { stream_arn: String },
+    /// The stream kept answering with a next page of shards.
+    #[error("describing {stream_arn}: more than {MAX_DESCRIBE_PAGES} pages of shards")]
+    EndlessShardList { stream_arn: String },
     /// Anything else (throttling, expired iterator, network); retried.
-    #[error("{0}")]
-    Other(String),
+    #[error("{call}")]
+    Failed {
+        call: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StreamError {
+    /// `call` failed because of `source` (an SDK error; a fake stream's reason in tests).
+    pub fn failed(call: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StreamError::Failed {
+            call: call.into(),
+            source: source.into(),
+        }
+    }
 }
 
 /// The DynamoDB Streams calls the poller makes on one stream.
@@ -108,16 +130,12 @@ impl StreamSource for DynamoDbStream {
                 .set_exclusive_start_shard_id(start.clone())
                 .send()
                 .await
-                .map_err(|e| {
-                    StreamError::Other(format!(
-                        "describing {}: {}",
-                        self.stream_arn,
-                        DisplayErrorContext(&e)
-                    ))
+                .map_err(|e| StreamError::failed(format!("describing {}", self.stream_arn), e))?;
+            let description = out
+                .stream_description
+                .ok_or_else(|| StreamError::NoDescription {
+                    stream_arn: self.stream_arn.clone(),
                 })?;
-            let description = out.stream_description.ok_or_else(|| {
-                StreamError::Other(format!("stream {} has no description", self.stream_arn))
-            })?;
             shards.extend(
                 description
                     .shards
@@ -135,10 +153,9 @@ impl StreamSource for DynamoDbStream {
                 _ => return Ok(shards),
             }
         }
-        Err(StreamError::Other(format!(
-            "describing {}: more than {MAX_DESCRIBE_PAGES} pages of shards",
-            self.stream_arn
-        )))
+        Err(StreamError::EndlessShardList {
+            stream_arn: self.stream_arn.clone(),
+        })
     }
 
     async fn iterator(
@@ -159,13 +176,15 @@ impl StreamSource for DynamoDbStream {
         };
         match request.send().await {
             Ok(out) => Ok(out.shard_iterator),
-            Err(SdkError::ServiceError(e)) if e.err().is_trimmed_data_access_exception() => Err(
-                StreamError::Trimmed(format!("GetShardIterator {shard_id} {start:?}")),
-            ),
-            Err(e) => Err(StreamError::Other(format!(
-                "GetShardIterator {shard_id}: {}",
-                DisplayErrorContext(&e)
-            ))),
+            Err(SdkError::ServiceError(e)) if e.err().is_trimmed_data_access_exception() => {
+                Err(StreamError::Trimmed {
+                    call: format!("GetShardIterator {shard_id} {start:?}"),
+                })
+            }
+            Err(e) => Err(StreamError::failed(
+                format!("GetShardIterator {shard_id}"),
+                e,
+            )),
         }
     }
 
@@ -183,12 +202,11 @@ impl StreamSource for DynamoDbStream {
                 next_iterator: out.next_shard_iterator,
             }),
             Err(SdkError::ServiceError(e)) if e.err().is_trimmed_data_access_exception() => {
-                Err(StreamError::Trimmed("GetRecords".into()))
+                Err(StreamError::Trimmed {
+                    call: "GetRecords".into(),
+                })
             }
-            Err(e) => Err(StreamError::Other(format!(
-                "GetRecords: {}",
-                DisplayErrorContext(&e)
-            ))),
+            Err(e) => Err(StreamError::failed("GetRecords", e)),
         }
     }
 }
