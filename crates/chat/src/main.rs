@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chorus_chat::{Client, ClientError, Event, Session};
+use chorus_client::{Client, ClientError, Event, Session};
 use chorus_protocol::{RoomId, Seq, ServerFrame};
 use clap::Parser as _;
 use tokio::io::AsyncBufReadExt as _;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chorus_chat::{Client, ClientError, Received};
+use chorus_client::{Client, ClientError, Received};
 use chorus_e2e::Stack;
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
 use tokio_tungstenite::tungstenite;

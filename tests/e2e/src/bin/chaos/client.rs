@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chorus_chat::{Backoff, Event, Session};
+use chorus_client::{Backoff, Event, Session};
 use chorus_e2e::metric_sum;
 use chorus_protocol::{ErrorCode, RoomId, ServerFrame, close};
 use tokio::sync::{Barrier, watch};

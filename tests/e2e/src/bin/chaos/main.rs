@@ -2,7 +2,7 @@
 //!
 //! The stack: 3 gateways (gateway-0 behind a fault layer that duplicates, reorders and drops SNS
 //! notifications), 2 writers behind a load balancer, the publisher (with a checkpoint file when
-//! the build has `--checkpoint-file`). The clients, each a `chorus_chat::Session` (so the
+//! the build has `--checkpoint-file`). The clients, each a `chorus_client::Session` (so the
 //! terminal client's reconnect logic is under test too):
 //! - **senders** in the chat rooms send their messages one at a time, each acked;
 //! - **churners** send too, and every few acks leave and re-join with `since`, drop their

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use chorus_chat::{Backoff, ClientError, Event, Session};
+use chorus_client::{Backoff, ClientError, Event, Session};
 use chorus_protocol::{ClientFrame, ErrorCode, RoomId, Seq, ServerFrame};
 use common::{FakeGateway, SendPolicy, WAIT};
 
