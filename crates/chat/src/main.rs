@@ -176,41 +176,42 @@ async fn chat(
             },
             event = session.next_event() => match event? {
                 Event::Connected { url } => eprintln!("* connected to {url}"),
-                Event::Frame(frame) => {
-                    if matches!(frame, ServerFrame::Joined { .. }) {
-                        failed = 0;
-                    }
-                    print_frame(&frame);
+                Event::Joined { room, seq, .. } => {
+                    failed = 0;
+                    eprintln!("* joined {room} at seq {seq}");
                 }
-                Event::Disconnected { code: Some(code), reason } => {
+                Event::Message(m) => {
+                    println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str());
+                }
+                Event::Acked { seq, .. } => eprintln!("* sent (seq {seq})"),
+                Event::Left { room } => eprintln!("* left {room}"),
+                Event::HistoryExpired { room, message, .. } => {
+                    eprintln!("! messages of {room} were missed: {message}");
+                }
+                Event::SendFailed { code, message, .. } | Event::JoinFailed { code, message, .. } => {
+                    eprintln!("! {code:?}: {message}");
+                }
+                Event::Retrying { code, message, .. } | Event::Error { code, message, .. } => {
+                    eprintln!("! {code:?}: {message}");
+                }
+                Event::Disconnected { code: Some(code), reason, .. } => {
                     failed += 1;
                     eprintln!("* gateway closed ({code}: {reason}): reconnecting and resuming");
                 }
-                Event::Disconnected { code: None, reason } => {
+                Event::Disconnected { code: None, reason, .. } => {
                     failed += 1;
                     eprintln!("* connection lost ({reason}): reconnecting and resuming");
                 }
-                Event::ConnectFailed { url, error } => {
+                Event::ConnectFailed { url, error, .. } => {
                     failed += 1;
                     eprintln!("* cannot connect to {url}: {error}");
                     if failed >= give_up_after {
                         return Err(error);
                     }
                 }
+                other => eprintln!("* {other:?}"),
             },
         }
-    }
-}
-
-fn print_frame(frame: &ServerFrame) {
-    match frame {
-        ServerFrame::Message(m) => {
-            println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str())
-        }
-        ServerFrame::Joined { room, seq } => eprintln!("* joined {room} at seq {seq}"),
-        ServerFrame::Left { room } => eprintln!("* left {room}"),
-        ServerFrame::Ack { seq, .. } => eprintln!("* sent (seq {seq})"),
-        ServerFrame::Error { code, message, .. } => eprintln!("! {code:?}: {message}"),
     }
 }
 

@@ -1,234 +1,116 @@
-//! A small Chorus client, used by the `chorus-chat` terminal client, the `--demo` of
-//! `scripts/dev`, the end-to-end tests and the chaos run.
+//! A Rust client for Chorus gateways (WebSocket subprotocol
+//! `chorus.v1`) that keeps the gateway's promise — every message of a room once and in order —
+//! across reconnects, gateway drains and crashes.
 //!
-//! - [`Client`] is one connection to a gateway (offering the `chorus.v1` subprotocol): send
-//!   frames, read frames. Tests use it to say exactly what goes on the wire.
-//! - [`Session`] follows the README's client contract across connections: a position per room,
-//!   reconnect and re-join with `since`, sends retried with the same id until acked.
+//! The gateway keeps half of that promise: it replays a room from `since` and drops the bus's
+//! duplicates. The other half lives in the client, and [`Session`] does it:
+//!
+//! - **A position per room**: the highest of the last message seq it delivered and the seq of
+//!   the latest `joined` (a room joined with no message since still has one).
+//! - **Resume**: after any reconnect it re-joins every room with `since` = its position, so the
+//!   gateway replays exactly what was missed; a room never joined is joined as first asked.
+//! - **Once and in order, checked**: a message is delivered only if it is the next seq of its
+//!   room. A duplicate is dropped; a seq past a hole makes the session re-join the room from its
+//!   position (the gateway replays the hole) instead of delivering out of order.
+//! - **Sends until acked**: an unacked send is sent again, with the same id, once its room is
+//!   joined on the next connection (the writer stores an id once); `unavailable` and
+//!   `rate_limited` answers retry it after a backoff. At most
+//!   [`DEFAULT_MAX_PENDING_SENDS`] sends wait at once (configurable); more are refused with
+//!   [`ClientError::QueueFull`].
+//! - **Reconnects**: a close with a resume code (4000–4499) or a dropped connection moves to the
+//!   next URL after a jittered exponential [`Backoff`]. 4003 (token expired) first asks the
+//!   [token source](Session::set_token_source) for a fresh token (without one the session stops
+//!   with [`ClientError::TokenExpired`]); 4500 and above stop it with [`ClientError::Closed`]
+//!   until the app calls [`Session::reconnect`].
+//! - **A silent connection**: when a request (join, leave or send) waits and nothing at all is
+//!   heard for the [request timeout](Session::set_request_timeout), the connection counts as
+//!   dropped.
+//! - **Lost history is reported, never skipped**: a resume reaching past what the store still
+//!   holds gives [`Event::HistoryExpired`], then the room is joined live.
+//!
+//! [`Client`] is a single connection, frame by frame, for tests that say exactly what goes on the
+//! wire; it keeps nothing across connections.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use chorus_client::{Event, RoomId, Session};
+//!
+//! # async fn run() -> Result<(), chorus_client::ClientError> {
+//! let mut session = Session::new(vec!["ws://127.0.0.1:8081/ws?user=john".into()], None);
+//! let lobby = RoomId::parse("lobby")?;
+//! session.join(lobby.clone(), None);
+//! session.send(&lobby, "Hello world")?;
+//! loop {
+//!     match session.next_event().await? {
+//!         Event::Message(m) => println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str()),
+//!         Event::Acked { seq, .. } => println!("stored at seq {seq}"),
+//!         Event::HistoryExpired { room, message, .. } => println!("missed in {room}: {message}"),
+//!         _ => {}
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! `examples/hello.rs` is a complete program. The wire protocol and close codes are in the
+//! Chorus README; `clients/conformance/` lists the scenarios this client passes against the real
+//! stack (`tests/e2e/tests/conformance.rs`).
 
+mod connection;
 pub mod session;
 
-pub use session::{Backoff, Event, Session};
+pub use chorus_protocol as protocol;
+pub use chorus_protocol::{ClientMsgId, ErrorCode, MessageEvent, RoomId, Seq, ServerFrame, close};
+pub use connection::{Client, Received};
+pub use session::{
+    Backoff, BoxError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_PENDING_SENDS, DEFAULT_REQUEST_TIMEOUT,
+    Event, Session, Stats,
+};
 
 use std::time::Duration;
 
-use chorus_protocol::frames::SUBPROTOCOL;
-use chorus_protocol::{ClientFrame, RoomId, Seq, ServerFrame};
-use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite;
 
 /// What the client can fail with.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
+    /// The WebSocket connection or handshake failed (a refused token is an HTTP 401 here).
     #[error("websocket: {0}")]
     WebSocket(#[from] tungstenite::Error),
+    /// The gateway closed the connection with a code that says not to reconnect without
+    /// changing something (4500 and above). A [`Session`] stops until [`Session::reconnect`].
     #[error("the gateway closed the connection (code {code}: {reason})")]
     Closed { code: u16, reason: String },
+    /// The gateway closed with 4003 (token expired) and the session has no token source: set a
+    /// token ([`Session::set_token`]) and call [`Session::reconnect`].
+    #[error(
+        "the token expired (close code 4003) and no token source gives a fresh one: set a new \
+         token and reconnect"
+    )]
+    TokenExpired,
+    /// The token source failed; the session tries again after a backoff.
+    #[error("the token source failed: {0}")]
+    TokenRefresh(#[source] BoxError),
+    /// The connection ended.
     #[error("the connection ended")]
     Ended,
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    /// A room name, message id or body breaks the protocol's rules (the message says which).
+    #[error("invalid: {0}")]
+    Invalid(#[from] chorus_protocol::InvalidValue),
+    /// A send to a room the session was not asked to join.
+    #[error("join {0} before sending to it")]
+    NotJoined(RoomId),
+    /// As many sends as the session allows are waiting for their ack.
+    #[error("{limit} sends are waiting for their ack: wait for some before sending more")]
+    QueueFull { limit: usize },
+    /// A send with this id is already waiting for its ack.
+    #[error("a send with id {0} is already waiting for its ack")]
+    DuplicateId(ClientMsgId),
     #[error("unexpected frame: {0}")]
     Unexpected(String),
     #[error("invalid frame from the gateway: {0}")]
     BadFrame(#[from] serde_json::Error),
-}
-
-/// Something received from the gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Received {
-    Frame(ServerFrame),
-    /// The gateway closed the connection with this code.
-    Closed {
-        code: u16,
-        reason: String,
-    },
-}
-
-/// One connection to a gateway.
-pub struct Client {
-    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    next_id: u64,
-    id_prefix: String,
-}
-
-impl Client {
-    /// Connects to `url` (e.g. `ws://127.0.0.1:8081/ws?user=john`), offering `chorus.v1`.
-    ///
-    /// # Errors
-    /// When the connection or handshake fails (the gateway's HTTP answer is in the error).
-    pub async fn connect(url: &str) -> Result<Client, ClientError> {
-        Client::connect_with_token(url, None).await
-    }
-
-    /// Connects to `url` with a JWT, offered as the subprotocol `bearer.<token>` next to
-    /// `chorus.v1` (so it stays out of URLs and access logs).
-    ///
-    /// # Errors
-    /// When the connection or handshake fails (the gateway's HTTP answer, e.g. why the token was
-    /// refused, is in the error).
-    pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Client, ClientError> {
-        let mut request = url.into_client_request()?;
-        let protocols = match token {
-            Some(token) => HeaderValue::from_str(&format!("{SUBPROTOCOL}, bearer.{token}"))
-                .map_err(|_| ClientError::Unexpected("the token has invalid characters".into()))?,
-            None => HeaderValue::from_static(SUBPROTOCOL),
-        };
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", protocols);
-        let (socket, _response) = tokio_tungstenite::connect_async(request).await?;
-        Ok(Client {
-            socket,
-            next_id: 0,
-            id_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
-        })
-    }
-
-    /// Sends a raw text frame (for tests of bad input).
-    ///
-    /// # Errors
-    /// When the socket fails.
-    pub async fn send_raw(&mut self, text: impl Into<String>) -> Result<(), ClientError> {
-        self.socket.send(Message::text(text.into())).await?;
-        Ok(())
-    }
-
-    /// Sends a raw WebSocket message.
-    ///
-    /// # Errors
-    /// When the socket fails.
-    pub async fn send_message(&mut self, message: Message) -> Result<(), ClientError> {
-        self.socket.send(message).await?;
-        Ok(())
-    }
-
-    async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
-        self.send_raw(serde_json::to_string(frame)?).await
-    }
-
-    /// Asks to join `room` (with `since`, replay first); returns without waiting for `joined`.
-    ///
-    /// # Errors
-    /// When the socket fails.
-    pub async fn join(&mut self, room: &RoomId, since: Option<Seq>) -> Result<(), ClientError> {
-        self.send_frame(&ClientFrame::Join {
-            room: room.clone(),
-            since,
-        })
-        .await
-    }
-
-    /// Sends `body` to `room` with a fresh client message id, which it returns.
-    ///
-    /// # Errors
-    /// When the body is invalid or the socket fails.
-    pub async fn send(&mut self, room: &RoomId, body: &str) -> Result<String, ClientError> {
-        self.next_id += 1;
-        let id = format!("{}-{}", self.id_prefix, self.next_id);
-        let body = chorus_protocol::Body::parse(body)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        let id_value = chorus_protocol::ClientMsgId::parse(id.clone())
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        self.send_frame(&ClientFrame::Send {
-            room: room.clone(),
-            id: id_value,
-            body,
-        })
-        .await?;
-        Ok(id)
-    }
-
-    /// The next frame or close, waiting at most `timeout`. `Ok(None)` on timeout.
-    ///
-    /// # Errors
-    /// When the socket fails or the gateway sends something that is not a server frame.
-    pub async fn recv_timeout(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<Received>, ClientError> {
-        match tokio::time::timeout(timeout, self.recv()).await {
-            Err(_) => Ok(None),
-            Ok(received) => received.map(Some),
-        }
-    }
-
-    /// The next frame or close. Cancel-safe.
-    ///
-    /// # Errors
-    /// When the socket fails or ends ([`ClientError::Ended`]), or the gateway sends something
-    /// that is not a server frame.
-    pub async fn recv(&mut self) -> Result<Received, ClientError> {
-        loop {
-            match self.socket.next().await {
-                None | Some(Err(tungstenite::Error::ConnectionClosed)) => {
-                    return Err(ClientError::Ended);
-                }
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Text(text))) => {
-                    return Ok(Received::Frame(serde_json::from_str(text.as_str())?));
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame
-                        .map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()))
-                        .unwrap_or((1005, String::new()));
-                    return Ok(Received::Closed { code, reason });
-                }
-                Some(Ok(_)) => continue,
-            }
-        }
-    }
-
-    /// The next server frame, or an error if the connection closes or `timeout` passes.
-    ///
-    /// # Errors
-    /// [`ClientError::Timeout`], [`ClientError::Closed`] and socket errors.
-    pub async fn next_frame(&mut self, timeout: Duration) -> Result<ServerFrame, ClientError> {
-        match self.recv_timeout(timeout).await? {
-            Some(Received::Frame(frame)) => Ok(frame),
-            Some(Received::Closed { code, reason }) => Err(ClientError::Closed { code, reason }),
-            None => Err(ClientError::Timeout(timeout, "a frame".into())),
-        }
-    }
-
-    /// Reads frames until one matches `want`, returning it; frames before it are returned too.
-    ///
-    /// # Errors
-    /// As [`Client::next_frame`]; the deadline covers the whole wait.
-    pub async fn wait_for(
-        &mut self,
-        timeout: Duration,
-        what: &str,
-        want: impl Fn(&ServerFrame) -> bool,
-    ) -> Result<(ServerFrame, Vec<ServerFrame>), ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut before = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let frame = match self.next_frame(left).await {
-                Err(ClientError::Timeout(..)) => {
-                    return Err(ClientError::Timeout(timeout, what.to_owned()));
-                }
-                other => other?,
-            };
-            if want(&frame) {
-                return Ok((frame, before));
-            }
-            before.push(frame);
-        }
-    }
-
-    /// Closes the connection normally.
-    ///
-    /// # Errors
-    /// When the socket fails.
-    pub async fn close(mut self) -> Result<(), ClientError> {
-        self.socket.close(None).await?;
-        Ok(())
-    }
 }

@@ -1,65 +1,155 @@
 //! [`Session`]: a client that stays in its rooms across reconnects, as the README's client
-//! contract asks, and loses nothing doing so.
+//! contract asks, and delivers every message of a room once and in order.
 //!
 //! - **Position per room.** The session's position in a room is the highest of the last message
-//!   seq it received there and the seq of the latest `joined` (which says where the client is
+//!   seq it delivered there and the seq of the latest `joined` (which says where the client is
 //!   after a replay, or the room's head for a plain join). A room joined without a message yet
 //!   still has a position: the `joined` seq.
+//! - **Once and in order.** A message is delivered ([`Event::Message`]) only if it is the next
+//!   seq of its room. One at or below the position is a duplicate and is dropped; one past a hole
+//!   is dropped too, and the room is re-joined from its position on the same connection, so the
+//!   gateway replays the hole. [`Session::stats`] counts both (a correct gateway causes neither).
 //! - **Reconnect and resume.** After a close with a resume code (4000–4499) or a dropped socket,
-//!   the next [`Session::next_event`] reconnects after a short randomized backoff (the next URL)
+//!   the next [`Session::next_event`] reconnects after a randomized backoff (to the next URL)
 //!   and re-joins every room with `since` = its position. A room never joined (no `joined` yet)
 //!   is joined as the user asked: plain (live messages from now on) or with the `since` the user
 //!   gave for history. So a message sent while the client was away is received once, and nothing
 //!   already received is replayed.
+//! - **Token expiry.** A close with 4003 makes the session ask its token source
+//!   ([`Session::set_token_source`]) for a fresh token before it reconnects, as does a handshake
+//!   refused with HTTP 401. Without a token source, 4003 stops the session
+//!   ([`ClientError::TokenExpired`]).
+//! - **Stop.** A close with 4500 or above stops the session ([`ClientError::Closed`]): it does not
+//!   reconnect until [`Session::reconnect`]. Rooms, positions and unacked sends are kept.
 //! - **When history has expired** (`history_expired` answers a join with `since`), the session
-//!   passes the error on (it names what was lost) and joins the room again without `since`.
+//!   reports it ([`Event::HistoryExpired`], with the `since` that could not be served and the
+//!   gateway's words naming the oldest seq kept) and joins the room again without `since`.
 //! - **Sends until acked.** A send is kept until its `ack` arrives; after a reconnect it is sent
 //!   again, with the same id, once its room is joined on the new connection (the writer stores a
-//!   retried id once). An `unavailable` or `rate_limited` answer retries it after a backoff.
+//!   retried id once). An `unavailable` or `rate_limited` answer retries it after a backoff. At
+//!   most [`Session::set_max_pending_sends`] sends wait at once.
+//! - **A silent connection.** When a request (join, leave or send) waits and nothing at all — not
+//!   even a ping — is heard for the request timeout, the connection counts as dropped and the
+//!   session moves on ([`Event::Disconnected`] without a code).
 //! - **One request at a time per room.** Joins go out one at a time (each answered by `joined`
 //!   or an error, in order; after a reconnect, in the order the rooms were first joined), and a
-//!   room is re-joined on the same connection only after its `left`: a re-join with `since` while
-//!   earlier messages are still in flight would get them twice.
-//!
-//! The session never drops, reorders or de-duplicates frames: [`Event::Frame`] is exactly what
-//! the gateway sent, so tests and the chaos run can check the gateway's promise through it.
+//!   room the user re-joins is re-joined on the same connection only after its `left`.
 //!
 //! Every method is synchronous except [`Session::next_event`], [`Session::flush`] and
 //! [`Session::close`]; the first two are cancel-safe (a frame is taken off the session's outgoing
-//! queue only in the same step as it is handed to the socket), so `next_event` can sit in a
-//! `select!` with stdin.
+//! queue only in the same step as it is handed to the socket, and a connection attempt or token
+//! refresh in progress is kept for the next call), so `next_event` can sit in a `select!` with
+//! stdin or a channel of the app's commands. Nothing happens on the network between calls: the
+//! app drives the session by calling `next_event` in a loop.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::time::Duration;
 
-use chorus_protocol::{Body, ClientFrame, ClientMsgId, ErrorCode, RoomId, Seq, ServerFrame, close};
+use chorus_protocol::{
+    Body, ClientFrame, ClientMsgId, ErrorCode, MessageEvent, RoomId, Seq, ServerFrame, close,
+};
 use futures_util::Sink;
 use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::{Client, ClientError, Received};
 
-/// Most sends awaiting their ack at once; [`Session::send`] refuses more.
-pub const MAX_PENDING_SENDS: usize = 256;
+/// Most sends awaiting their ack at once, unless [`Session::set_max_pending_sends`] says
+/// otherwise; [`Session::send`] refuses more with [`ClientError::QueueFull`].
+pub const DEFAULT_MAX_PENDING_SENDS: usize = 256;
+
+/// How long a waiting request may go with nothing heard before the connection counts as dropped,
+/// unless [`Session::set_request_timeout`] says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a connection attempt (TCP, TLS and the WebSocket handshake) may take, unless
+/// [`Session::set_connect_timeout`] says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The error a token source may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What [`Session::next_event`] reports.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// A new connection is up; the session re-joins its rooms on it.
     Connected { url: String },
-    /// A frame from the gateway, exactly as received.
-    Frame(ServerFrame),
-    /// The connection ended: closed with a resume code (`code`), or dropped (`None`). The next
-    /// call reconnects.
-    Disconnected { code: Option<u16>, reason: String },
-    /// A connection attempt failed; the next call tries the next URL after a backoff.
-    ConnectFailed { url: String, error: ClientError },
+    /// A connection attempt failed; the next call tries the next URL after `retry_in`.
+    ConnectFailed {
+        url: String,
+        error: ClientError,
+        retry_in: Duration,
+    },
+    /// The token source failed; the next call asks it again after `retry_in`.
+    TokenRefreshFailed { error: BoxError, retry_in: Duration },
+    /// The connection ended: closed with a resume code (`code`), or dropped or silent (`None`).
+    /// The next call reconnects after `retry_in`.
+    Disconnected {
+        code: Option<u16>,
+        reason: String,
+        retry_in: Duration,
+    },
+    /// `room` is joined on this connection; live messages follow `seq` (the position).
+    /// `resumed`: the join carried `since`, so nothing between was missed.
+    Joined {
+        room: RoomId,
+        seq: Seq,
+        resumed: bool,
+    },
+    /// The gateway confirmed a [`Session::leave`].
+    Left { room: RoomId },
+    /// A message: each seq of a room once, each the next of its room.
+    Message(MessageEvent),
+    /// The send with this id is durable at `seq` (its only ack: duplicates are dropped).
+    Acked {
+        id: ClientMsgId,
+        room: RoomId,
+        seq: Seq,
+    },
+    /// The messages of `room` after `since` are no longer stored: they were missed for good.
+    /// The session joins the room again live (its next [`Event::Joined`] has `resumed: false`).
+    HistoryExpired {
+        room: RoomId,
+        since: Seq,
+        message: String,
+    },
+    /// The gateway refused a send for good (e.g. `forbidden`); it is no longer pending.
+    SendFailed {
+        id: ClientMsgId,
+        room: RoomId,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The gateway refused a join for good (`forbidden`, `limit_exceeded`, …): the session is no
+    /// longer in the room, and the sends waiting for it (`dropped_sends`) are given up.
+    JoinFailed {
+        room: RoomId,
+        code: ErrorCode,
+        message: String,
+        dropped_sends: Vec<ClientMsgId>,
+    },
+    /// The gateway answered `unavailable`, `rate_limited` or `not_joined`; the session retries
+    /// the join or send (`id`) by itself. For information.
+    Retrying {
+        code: ErrorCode,
+        message: String,
+        room: Option<RoomId>,
+        id: Option<ClientMsgId>,
+    },
+    /// An error frame that answers nothing the session waits for.
+    Error {
+        code: ErrorCode,
+        message: String,
+        room: Option<RoomId>,
+    },
 }
 
 /// Backoff between reconnects and retries: `base · 2^(failures-1)`, at most `cap`, times a
-/// random factor in [0.5, 1) so clients of a drained gateway do not come back in step.
+/// random factor in [0.5, 1) so clients of a drained gateway do not come back in step. It starts
+/// over once a room is joined again.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub base: Duration,
@@ -75,9 +165,28 @@ impl Default for Backoff {
     }
 }
 
+/// What a session counted, for tests and diagnostics. A correct gateway causes no duplicate, no
+/// gap and no message of a room the session never joined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections opened.
+    pub connections: u64,
+    /// Messages dropped because their seq was already delivered.
+    pub duplicates_dropped: u64,
+    /// Holes seen in a room's seqs, each answered by re-joining from the position.
+    pub gaps_resynced: u64,
+    /// Messages of rooms the session was never asked to join (dropped).
+    pub unknown_room_messages: u64,
+    /// Acks that answered no waiting send (a duplicate).
+    pub stray_acks: u64,
+    /// Sends written again after a reconnect or a retryable error.
+    pub send_retries: u64,
+}
+
 #[derive(Debug, Default)]
 struct RoomState {
-    /// max(last message seq, latest `joined` seq); `None` until the first `joined`.
+    /// max(last message seq delivered, latest `joined` seq); `None` until the first `joined`.
     position: Option<Seq>,
     /// `since` the user asked for (history), used until the room has a position.
     requested: Option<Seq>,
@@ -87,6 +196,8 @@ struct RoomState {
     joined: bool,
     /// A `leave` was sent on this connection and its answer has not arrived.
     leaving: bool,
+    /// A hole was seen: a re-join from the position is queued or in flight.
+    resyncing: bool,
     /// When the room was first joined, relative to the others: rooms are re-joined in that
     /// order after a reconnect.
     order: u64,
@@ -99,28 +210,71 @@ struct PendingSend {
     body: Body,
     /// Sent on the current connection (awaiting its ack or error).
     sent: bool,
+    /// Sent at least once, on any connection.
+    ever_sent: bool,
     /// Not before this instant (after `unavailable` or `rate_limited`).
     retry_at: Option<Instant>,
     failures: u32,
 }
 
+/// The join in flight on this connection.
+#[derive(Debug)]
+struct Joining {
+    room: RoomId,
+    since: Option<Seq>,
+}
+
+/// Why the session stopped.
+#[derive(Debug, Clone)]
+enum Stop {
+    Closed { code: u16, reason: String },
+    TokenExpired,
+}
+
+impl Stop {
+    fn error(&self) -> ClientError {
+        match self.clone() {
+            Stop::Closed { code, reason } => ClientError::Closed { code, reason },
+            Stop::TokenExpired => ClientError::TokenExpired,
+        }
+    }
+}
+
 /// Where the session connects: the URL for the n-th attempt.
 type UrlSource = Box<dyn FnMut(usize) -> String + Send>;
+type TokenFuture = Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>>;
+type TokenSource = Box<dyn FnMut() -> TokenFuture + Send>;
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Client, ClientError>> + Send>>;
 
 /// A client that keeps its rooms and unacked sends across connections. See the module docs.
 pub struct Session {
     urls: UrlSource,
     token: Option<String>,
+    token_source: Option<TokenSource>,
+    /// The gateway said the token expired (4003, or 401 at the handshake): refresh first.
+    token_stale: bool,
+    /// A token refresh in progress (kept across a cancelled `next_event`).
+    refreshing: Option<TokenFuture>,
+    /// A connection attempt in progress and its URL (kept across a cancelled `next_event`).
+    connecting: Option<(String, ConnectFuture)>,
     conn: Option<Client>,
+    url: Option<String>,
+    stopped: Option<Stop>,
     attempts: usize,
     /// Consecutive connections that failed or ended before a room was joined (backoff).
     failures: u32,
     reconnect_at: Option<Instant>,
     backoff: Backoff,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    max_pending: usize,
+    /// When the session last started waiting for an answer (the silence counts from the later of
+    /// this and the last thing heard).
+    waiting_since: Instant,
     rooms: BTreeMap<RoomId, RoomState>,
     /// Rooms to join on this connection, in order; one join is in flight at a time.
     join_queue: VecDeque<RoomId>,
-    joining: Option<RoomId>,
+    joining: Option<Joining>,
     join_failures: u32,
     join_retry_at: Option<Instant>,
     /// Rooms whose `leave` is in flight, in the order sent (answers come in that order).
@@ -133,16 +287,19 @@ pub struct Session {
     next_id: u64,
     id_prefix: String,
     rng: u64,
+    stats: Stats,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("connected", &self.conn.is_some())
+            .field("url", &self.url)
+            .field("stopped", &self.stopped)
             .field("attempts", &self.attempts)
             .field("rooms", &self.rooms)
             .field("joining", &self.joining)
             .field("pending", &self.pending.len())
+            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -169,11 +326,21 @@ impl Session {
         Session {
             urls: Box::new(url),
             token,
+            token_source: None,
+            token_stale: false,
+            refreshing: None,
+            connecting: None,
             conn: None,
+            url: None,
+            stopped: None,
             attempts: 0,
             failures: 0,
             reconnect_at: None,
             backoff: Backoff::default(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_pending: DEFAULT_MAX_PENDING_SENDS,
+            waiting_since: Instant::now(),
             rooms: BTreeMap::new(),
             join_queue: VecDeque::new(),
             joining: None,
@@ -186,6 +353,7 @@ impl Session {
             next_id: 0,
             id_prefix: seed.simple().to_string()[..12].to_owned(),
             rng: (seed.as_u128() as u64) | 1,
+            stats: Stats::default(),
         }
     }
 
@@ -194,13 +362,61 @@ impl Session {
         self.backoff = backoff;
     }
 
+    /// A request (join, leave, send) that waits while nothing at all is heard for this long ends
+    /// the connection (default [`DEFAULT_REQUEST_TIMEOUT`]). Keep it above the gateway's ping
+    /// interval for connections that wait long on a busy store.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// A connection attempt that has not completed its handshake after this long is abandoned
+    /// (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    /// Most sends waiting for their ack at once (default [`DEFAULT_MAX_PENDING_SENDS`]); the
+    /// session's memory is bounded by it (and the 16 KiB body limit).
+    pub fn set_max_pending_sends(&mut self, max: usize) {
+        self.max_pending = max;
+    }
+
+    /// The token for the next connection (the current one keeps its token until it ends).
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+        self.token_stale = false;
+        self.refreshing = None;
+    }
+
+    /// Where a fresh token comes from when the gateway says the token expired (close code 4003,
+    /// or a handshake refused with HTTP 401): called before the next connection attempt. When it
+    /// fails, [`Event::TokenRefreshFailed`] is reported and it is called again after a backoff.
+    ///
+    /// ```no_run
+    /// # use chorus_client::Session;
+    /// # async fn fetch_token() -> Result<String, std::io::Error> { Ok(String::new()) }
+    /// let mut session = Session::new(vec!["wss://chat.example.com/ws".into()], None);
+    /// session.set_token_source(|| async { fetch_token().await });
+    /// ```
+    pub fn set_token_source<F, Fut, E>(&mut self, mut source: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.token_source = Some(Box::new(move || {
+            let future = source();
+            Box::pin(async move { future.await.map_err(Into::into) })
+        }));
+    }
+
     /// Prefix of the ids [`Session::send`] makes (`<prefix>-1`, `<prefix>-2`, …); it must be
     /// unique to this client (the default is random).
     ///
     /// # Errors
     /// When the ids it would make are not valid client message ids.
     pub fn set_id_prefix(&mut self, prefix: &str) -> Result<(), ClientError> {
-        ClientMsgId::parse(format!("{prefix}-{}", u64::MAX)).map_err(invalid)?;
+        ClientMsgId::parse(format!("{prefix}-{}", u64::MAX))?;
         prefix.clone_into(&mut self.id_prefix);
         Ok(())
     }
@@ -223,16 +439,14 @@ impl Session {
         if state.position.is_none() && since.is_some() {
             state.requested = since;
         }
-        let joined = state.joined;
-        if joined {
+        if state.joined {
             self.send_leave(&room);
         }
-        if self.joining.as_ref() != Some(&room) && !self.join_queue.contains(&room) {
-            self.join_queue.push_back(room);
-        }
+        self.enqueue_join(room);
     }
 
-    /// Leave `room` (its position is kept: a later [`Session::join`] resumes from it).
+    /// Leave `room`. Its position is kept (a later [`Session::join`] resumes from it), and so are
+    /// its unacked sends (they go out if the room is joined again).
     pub fn leave(&mut self, room: &RoomId) {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
@@ -248,52 +462,56 @@ impl Session {
 
     /// Sends `body` to `room` (joined, or being joined) with a fresh id, which it returns. The
     /// send goes out when the room is joined on the connection, and again after every reconnect
-    /// until it is acked.
+    /// until it is acked ([`Event::Acked`]).
     ///
     /// # Errors
-    /// When the body is invalid, the room was not joined, or [`MAX_PENDING_SENDS`] sends await
+    /// [`ClientError::Invalid`] for a body the protocol refuses, [`ClientError::NotJoined`] when
+    /// the room was not joined, [`ClientError::QueueFull`] when the most sends allowed wait for
     /// their ack.
     pub fn send(&mut self, room: &RoomId, body: &str) -> Result<ClientMsgId, ClientError> {
-        self.next_id += 1;
-        let id =
-            ClientMsgId::parse(format!("{}-{}", self.id_prefix, self.next_id)).map_err(invalid)?;
+        let id = ClientMsgId::parse(format!("{}-{}", self.id_prefix, self.next_id + 1))?;
         self.send_with_id(room, id.clone(), body)?;
+        self.next_id += 1;
         Ok(id)
     }
 
-    /// As [`Session::send`], with the caller's id (to retry a send made before a restart).
+    /// As [`Session::send`], with the caller's id: to retry a send made before a restart, or to
+    /// make a send idempotent on the caller's terms. The writer stores an id once; sending it
+    /// again after its ack is acked again with the same seq.
     ///
     /// # Errors
-    /// As [`Session::send`].
+    /// As [`Session::send`], and [`ClientError::DuplicateId`] when a send with this id waits.
     pub fn send_with_id(
         &mut self,
         room: &RoomId,
         id: ClientMsgId,
         body: &str,
     ) -> Result<(), ClientError> {
-        let body = Body::parse(body).map_err(invalid)?;
+        let body = Body::parse(body)?;
         if !self.rooms.get(room).is_some_and(|s| s.wanted) {
-            return Err(ClientError::Unexpected(format!(
-                "join {room} before sending to it"
-            )));
+            return Err(ClientError::NotJoined(room.clone()));
         }
-        if self.pending.len() >= MAX_PENDING_SENDS {
-            return Err(ClientError::Unexpected(format!(
-                "{MAX_PENDING_SENDS} sends are waiting for their ack: wait before sending more"
-            )));
+        if self.pending.iter().any(|p| p.id == id) {
+            return Err(ClientError::DuplicateId(id));
+        }
+        if self.pending.len() >= self.max_pending {
+            return Err(ClientError::QueueFull {
+                limit: self.max_pending,
+            });
         }
         self.pending.push_back(PendingSend {
             id,
             room: room.clone(),
             body,
             sent: false,
+            ever_sent: false,
             retry_at: None,
             failures: 0,
         });
         Ok(())
     }
 
-    /// The session's position in `room`: max(last message seq, latest `joined` seq).
+    /// The session's position in `room`: max(last message seq delivered, latest `joined` seq).
     pub fn position(&self, room: &RoomId) -> Option<Seq> {
         self.rooms.get(room).and_then(|s| s.position)
     }
@@ -313,10 +531,36 @@ impl Session {
         self.conn.is_some()
     }
 
+    /// The URL of the current connection.
+    pub fn url(&self) -> Option<&str> {
+        self.conn.as_ref().and(self.url.as_deref())
+    }
+
+    /// Whether the session stopped (a close with 4500 or above, or 4003 without a token source)
+    /// and waits for [`Session::reconnect`].
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.is_some()
+    }
+
+    /// What the session counted so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// After a stop, lets the next [`Session::next_event`] connect again (at once), with the
+    /// rooms, positions and unacked sends the session had. Does nothing otherwise.
+    pub fn reconnect(&mut self) {
+        if self.stopped.take().is_some() {
+            self.failures = 0;
+            self.reconnect_at = None;
+        }
+    }
+
     /// Drops the connection at once, without a close frame (as a network failure would); the
     /// next [`Session::next_event`] reconnects without a backoff.
     pub fn drop_connection(&mut self) {
         self.disconnected();
+        self.connecting = None;
         self.failures = 0;
         self.reconnect_at = None;
     }
@@ -339,66 +583,59 @@ impl Session {
     /// due, then waits for the gateway. Cancel-safe.
     ///
     /// # Errors
-    /// Only when the gateway closed the connection with a code that says not to reconnect
-    /// (outside 4000–4499), as [`ClientError::Closed`]. Failed connection attempts and dropped
-    /// connections are events: the caller decides when to give up.
+    /// Only when the session stopped: the gateway closed the connection with 4500 or above
+    /// ([`ClientError::Closed`]), or with 4003 and there is no token source
+    /// ([`ClientError::TokenExpired`]). Every later call returns the same error until
+    /// [`Session::reconnect`]. Failed connection attempts and dropped connections are events:
+    /// the caller decides when to give up.
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         loop {
+            if let Some(stop) = &self.stopped {
+                return Err(stop.error());
+            }
             if self.conn.is_none() {
-                if let Some(at) = self.reconnect_at {
-                    sleep_until(at).await;
-                }
-                let url = (self.urls)(self.attempts);
-                self.attempts += 1;
-                return match Client::connect_with_token(&url, self.token.as_deref()).await {
-                    Ok(client) => {
-                        self.connected(client);
-                        Ok(Event::Connected { url })
-                    }
-                    Err(error) => {
-                        self.failures += 1;
-                        self.reconnect_at = Some(Instant::now() + self.delay(self.failures));
-                        Ok(Event::ConnectFailed { url, error })
-                    }
-                };
+                return Ok(self.connect().await);
             }
-            if let Err(e) = self.write_out().await {
-                self.disconnected();
-                return Ok(Event::Disconnected {
-                    code: None,
-                    reason: e.to_string(),
-                });
+            // Write what is due; a write that cannot proceed counts as silence too.
+            self.plan();
+            let write_deadline = self.silence_deadline();
+            let written = tokio::select! {
+                written = self.write_out() => Some(written),
+                () = sleep_until(write_deadline) => None,
+            };
+            match written {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Ok(self.lost(None, e.to_string())),
+                None => return Ok(self.lost(None, self.silence_reason())),
             }
-            let wake = self.next_retry();
+
+            let retry = self.next_retry();
+            let silent = self.awaiting_answer().then(|| self.silence_deadline());
             let conn = self.conn.as_mut().expect("connected");
-            let received = tokio::select! {
-                received = conn.recv() => received,
-                () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => continue,
+            let woken = tokio::select! {
+                received = conn.recv() => Wake::Received(received),
+                () = sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => Wake::Retry,
+                () = sleep_until(silent.unwrap_or_else(Instant::now)), if silent.is_some() => Wake::Silence,
             };
-            return match received {
-                Ok(Received::Frame(frame)) => {
-                    self.on_frame(&frame);
-                    Ok(Event::Frame(frame))
+            match woken {
+                Wake::Retry => {}
+                // Something may have been heard since the deadline was set (a ping is read
+                // inside `recv`): only a full timeout of silence ends the connection.
+                Wake::Silence => {
+                    if self.awaiting_answer() && self.silence_deadline() <= Instant::now() {
+                        return Ok(self.lost(None, self.silence_reason()));
+                    }
                 }
-                Ok(Received::Closed { code, reason }) if close::should_resume(code) => {
-                    self.disconnected();
-                    Ok(Event::Disconnected {
-                        code: Some(code),
-                        reason,
-                    })
+                Wake::Received(Ok(Received::Frame(frame))) => {
+                    if let Some(event) = self.on_frame(frame) {
+                        return Ok(event);
+                    }
                 }
-                Ok(Received::Closed { code, reason }) => {
-                    self.conn = None;
-                    Err(ClientError::Closed { code, reason })
+                Wake::Received(Ok(Received::Closed { code, reason })) => {
+                    return self.on_close(code, reason);
                 }
-                Err(e) => {
-                    self.disconnected();
-                    Ok(Event::Disconnected {
-                        code: None,
-                        reason: e.to_string(),
-                    })
-                }
-            };
+                Wake::Received(Err(e)) => return Ok(self.lost(None, e.to_string())),
+            }
         }
     }
 
@@ -411,6 +648,78 @@ impl Session {
             Some(conn) => conn.close().await,
             None => Ok(()),
         }
+    }
+
+    /// Refreshes the token if it is stale, then makes one connection attempt. Cancel-safe: the
+    /// refresh and the attempt in progress are kept in the session.
+    async fn connect(&mut self) -> Event {
+        if self.connecting.is_none() {
+            if let Some(at) = self.reconnect_at {
+                sleep_until(at).await;
+            }
+            if self.token_stale
+                && let Some(source) = self.token_source.as_mut()
+            {
+                let refreshing = self.refreshing.get_or_insert_with(source);
+                let refreshed = refreshing.as_mut().await;
+                self.refreshing = None;
+                match refreshed {
+                    Ok(token) => {
+                        self.token = Some(token);
+                        self.token_stale = false;
+                    }
+                    Err(error) => {
+                        let retry_in = self.back_off();
+                        return Event::TokenRefreshFailed { error, retry_in };
+                    }
+                }
+            }
+            let url = (self.urls)(self.attempts);
+            self.attempts += 1;
+            let (target, token, timeout) = (url.clone(), self.token.clone(), self.connect_timeout);
+            let attempt = async move {
+                tokio::time::timeout(
+                    timeout,
+                    Client::connect_with_token(&target, token.as_deref()),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Timeout(
+                        timeout,
+                        "the WebSocket handshake".into(),
+                    ))
+                })
+            };
+            self.connecting = Some((url, Box::pin(attempt)));
+        }
+        let (_, attempt) = self.connecting.as_mut().expect("set above");
+        let result = attempt.as_mut().await;
+        let (url, _) = self.connecting.take().expect("set above");
+        match result {
+            Ok(client) => {
+                self.connected(client, url.clone());
+                Event::Connected { url }
+            }
+            Err(error) => {
+                if self.token_source.is_some() && is_unauthorized(&error) {
+                    self.token_stale = true;
+                }
+                let retry_in = self.back_off();
+                Event::ConnectFailed {
+                    url,
+                    error,
+                    retry_in,
+                }
+            }
+        }
+    }
+
+    /// One more failure in a row: the next attempt waits for the backoff, which it returns.
+    fn back_off(&mut self) -> Duration {
+        self.failures += 1;
+        let delay = self.delay(self.failures);
+        self.reconnect_at = Some(Instant::now() + delay);
+        delay
     }
 
     fn delay(&mut self, failures: u32) -> Duration {
@@ -428,21 +737,30 @@ impl Session {
         full.mul_f64(0.5 + unit / 2.0)
     }
 
-    fn connected(&mut self, client: Client) {
+    fn connected(&mut self, client: Client, url: String) {
         self.conn = Some(client);
+        self.url = Some(url);
+        self.stats.connections += 1;
         self.reconnect_at = None;
+        self.waiting_since = Instant::now();
         self.outgoing.clear();
         self.leaves.clear();
         self.joining = None;
         self.join_retry_at = None;
+        self.join_failures = 0;
         self.join_queue.clear();
         let mut wanted = Vec::new();
         for (room, state) in &mut self.rooms {
             state.joined = false;
             state.leaving = false;
+            state.resyncing = false;
             if state.wanted {
                 wanted.push((state.order, room.clone()));
             }
+        }
+        if wanted.is_empty() {
+            // Nothing to join that would prove the connection healthy: it is.
+            self.failures = 0;
         }
         // In the order they were first joined.
         wanted.sort();
@@ -454,14 +772,82 @@ impl Session {
         }
     }
 
+    /// The connection is gone (dropped, or closed with a resume code): forget what lived on it.
     fn disconnected(&mut self) {
         self.conn = None;
         self.outgoing.clear();
-        self.failures += 1;
-        self.reconnect_at = Some(Instant::now() + self.delay(self.failures));
+        self.back_off();
+    }
+
+    /// The connection ended without a stop: the event that says so.
+    fn lost(&mut self, code: Option<u16>, reason: String) -> Event {
+        self.disconnected();
+        Event::Disconnected {
+            code,
+            reason,
+            retry_in: self
+                .reconnect_at
+                .map_or(Duration::ZERO, |at| at - Instant::now().min(at)),
+        }
+    }
+
+    fn on_close(&mut self, code: u16, reason: String) -> Result<Event, ClientError> {
+        if code >= close::PROTOCOL_VIOLATION {
+            self.disconnected();
+            let stop = Stop::Closed { code, reason };
+            self.stopped = Some(stop.clone());
+            return Err(stop.error());
+        }
+        if code == close::TOKEN_EXPIRED {
+            if self.token_source.is_none() {
+                self.disconnected();
+                self.stopped = Some(Stop::TokenExpired);
+                return Err(ClientError::TokenExpired);
+            }
+            self.token_stale = true;
+        }
+        // Resume codes, and any other close (a proxy's 1001, say): reconnect and resume.
+        Ok(self.lost(Some(code), reason))
+    }
+
+    fn silence_reason(&self) -> String {
+        format!(
+            "nothing heard for {:?} while a request waited",
+            self.request_timeout
+        )
+    }
+
+    /// When the silence on this connection becomes too long, counted from the later of the last
+    /// thing heard and the moment the session started waiting.
+    fn silence_deadline(&self) -> Instant {
+        let heard = self
+            .conn
+            .as_ref()
+            .map_or(self.waiting_since, |c| c.last_heard);
+        heard.max(self.waiting_since) + self.request_timeout
+    }
+
+    /// Whether a join, leave or send on this connection waits for its answer.
+    fn awaiting_answer(&self) -> bool {
+        self.joining.is_some() || !self.leaves.is_empty() || self.pending.iter().any(|p| p.sent)
+    }
+
+    /// Call before making a request: the silence that counts starts when waiting starts.
+    fn start_waiting(&mut self) {
+        if !self.awaiting_answer() {
+            self.waiting_since = Instant::now();
+        }
+    }
+
+    fn enqueue_join(&mut self, room: RoomId) {
+        let joining = self.joining.as_ref().is_some_and(|j| j.room == room);
+        if !joining && !self.join_queue.contains(&room) {
+            self.join_queue.push_back(room);
+        }
     }
 
     fn send_leave(&mut self, room: &RoomId) {
+        self.start_waiting();
         let state = self.rooms.get_mut(room).expect("known room");
         state.joined = false;
         state.leaving = true;
@@ -473,6 +859,10 @@ impl Session {
     /// Decides what to send now: the next join (one in flight at a time, never for a room whose
     /// leave is unanswered), and the sends whose room is joined.
     fn plan(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        self.start_waiting();
         let now = Instant::now();
         if self.joining.is_none() && self.join_retry_at.is_none_or(|at| at <= now) {
             self.join_retry_at = None;
@@ -487,13 +877,17 @@ impl Session {
                     room: room.clone(),
                     since,
                 }));
-                self.joining = Some(room);
+                self.joining = Some(Joining { room, since });
             }
         }
         for send in &mut self.pending {
             let joined = self.rooms.get(&send.room).is_some_and(|s| s.joined);
             if !send.sent && joined && send.retry_at.is_none_or(|at| at <= now) {
+                if send.ever_sent {
+                    self.stats.send_retries += 1;
+                }
                 send.sent = true;
+                send.ever_sent = true;
                 send.retry_at = None;
                 self.outgoing.push_back(frame_json(&ClientFrame::Send {
                     room: send.room.clone(),
@@ -538,56 +932,128 @@ impl Session {
         Ok(())
     }
 
-    fn on_frame(&mut self, frame: &ServerFrame) {
+    /// Updates the state for a frame; the event to report, if the app should see one.
+    fn on_frame(&mut self, frame: ServerFrame) -> Option<Event> {
         match frame {
-            ServerFrame::Message(m) => {
-                if let Some(state) = self.rooms.get_mut(&m.room) {
-                    state.position = state.position.max(Some(m.seq));
-                }
-            }
-            ServerFrame::Joined { room, seq } => {
-                if self.joining.as_ref() == Some(room) {
-                    self.joining = None;
-                    self.join_failures = 0;
-                    self.failures = 0;
-                }
-                let Some(state) = self.rooms.get_mut(room) else {
-                    return;
+            ServerFrame::Message(m) => self.on_message(m),
+            ServerFrame::Joined { room, seq } => self.on_joined(room, seq),
+            ServerFrame::Left { room } => self.on_left(room),
+            ServerFrame::Ack { id, room, seq } => {
+                let Some(index) = self.pending.iter().position(|p| p.id == id) else {
+                    self.stats.stray_acks += 1;
+                    return None;
                 };
-                state.position = state.position.max(Some(*seq));
-                state.joined = true;
-                if !state.wanted {
-                    self.send_leave(room);
-                }
+                self.pending.remove(index);
+                Some(Event::Acked { id, room, seq })
             }
-            ServerFrame::Left { room } => {
-                if self.leaves.front() == Some(room) {
-                    self.leaves.pop_front();
-                }
-                if let Some(state) = self.rooms.get_mut(room) {
-                    state.leaving = false;
-                    state.joined = false;
-                }
-            }
-            ServerFrame::Ack { id, .. } => self.pending.retain(|p| p.id != *id),
             ServerFrame::Error {
                 code,
+                message,
                 reference: Some(reference),
-                ..
-            } => self.on_send_error(*code, reference),
+                room,
+            } => self.on_send_error(code, message, reference, room),
             ServerFrame::Error {
                 code,
+                message,
                 reference: None,
                 room,
-                ..
-            } => self.on_request_error(*code, room.as_ref()),
+            } => self.on_request_error(code, message, room),
         }
     }
 
-    fn on_send_error(&mut self, code: ErrorCode, reference: &str) {
-        let Some(index) = self.pending.iter().position(|p| p.id.as_str() == reference) else {
-            return;
+    fn on_message(&mut self, m: MessageEvent) -> Option<Event> {
+        let joining = self.joining.as_ref().filter(|j| j.room == m.room);
+        let Some(state) = self.rooms.get_mut(&m.room) else {
+            self.stats.unknown_room_messages += 1;
+            return None;
         };
+        // Left, or leaving for good, on this connection: what is still in flight is not the
+        // app's. (A re-join in place leaves first; until its `left`, messages still count.)
+        let rejoining = state.leaving && state.wanted;
+        if !state.joined && !rejoining && joining.is_none() {
+            return None;
+        }
+        let expected = state.position.or(joining.and_then(|j| j.since));
+        if let Some(expected) = expected {
+            if m.seq <= expected {
+                self.stats.duplicates_dropped += 1;
+                return None;
+            }
+            if m.seq != expected.next() {
+                // A hole: never deliver out of order. Re-join from the position (the gateway
+                // starts the room over and replays the hole); what is in flight meanwhile is
+                // dropped here as duplicates or as part of the same hole.
+                if !state.resyncing {
+                    self.stats.gaps_resynced += 1;
+                    state.resyncing = true;
+                    if joining.is_none() {
+                        state.joined = false;
+                        let room = m.room;
+                        self.join_queue.retain(|r| *r != room);
+                        self.join_queue.push_front(room);
+                    }
+                }
+                return None;
+            }
+        }
+        state.position = Some(m.seq);
+        Some(Event::Message(m))
+    }
+
+    fn on_joined(&mut self, room: RoomId, seq: Seq) -> Option<Event> {
+        // Joins are answered in order, one in flight: a `joined` for another room answers
+        // nothing (a duplicate).
+        let joining = self.joining.take_if(|j| j.room == room)?;
+        self.join_failures = 0;
+        self.failures = 0;
+        let state = self.rooms.get_mut(&room)?;
+        state.position = state.position.max(Some(seq));
+        state.resyncing = false;
+        state.joined = true;
+        if !state.wanted {
+            // Left while the join was in flight.
+            self.send_leave(&room);
+            return None;
+        }
+        Some(Event::Joined {
+            seq: state.position.unwrap_or(seq),
+            room,
+            resumed: joining.since.is_some(),
+        })
+    }
+
+    fn on_left(&mut self, room: RoomId) -> Option<Event> {
+        // Leaves are answered in order: a `left` for another room answers nothing (a duplicate).
+        if self.leaves.front() != Some(&room) {
+            return None;
+        }
+        self.leaves.pop_front();
+        let state = self.rooms.get_mut(&room)?;
+        state.leaving = false;
+        state.joined = false;
+        // A re-join in place leaves first: only a leave the app asked for is reported.
+        (!state.wanted).then_some(Event::Left { room })
+    }
+
+    fn on_send_error(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        reference: String,
+        room: Option<RoomId>,
+    ) -> Option<Event> {
+        let Some(index) = self.pending.iter().position(|p| p.id.as_str() == reference) else {
+            // Not a send of this session's: tell the app.
+            return Some(Event::Error {
+                code,
+                message,
+                room,
+            });
+        };
+        if !self.pending[index].sent {
+            // Answered already on this connection (a duplicate frame).
+            return None;
+        }
         match code {
             ErrorCode::Unavailable | ErrorCode::RateLimited => {
                 let failures = self.pending[index].failures + 1;
@@ -596,13 +1062,41 @@ impl Session {
                 send.failures = failures;
                 send.sent = false;
                 send.retry_at = Some(at);
+                Some(Event::Retrying {
+                    code,
+                    message,
+                    room: Some(send.room.clone()),
+                    id: Some(send.id.clone()),
+                })
             }
-            // The room's join on this connection failed or is not answered yet: sent again
-            // once it is joined.
-            ErrorCode::NotJoined => self.pending[index].sent = false,
-            // Refused for good (the frame error says why): the caller sees the frame.
+            // The gateway does not have the room on this connection: re-join it, then send
+            // again.
+            ErrorCode::NotJoined => {
+                let send = &mut self.pending[index];
+                send.sent = false;
+                let (room, id) = (send.room.clone(), send.id.clone());
+                if let Some(state) = self.rooms.get_mut(&room)
+                    && state.joined
+                {
+                    state.joined = false;
+                    self.enqueue_join(room.clone());
+                }
+                Some(Event::Retrying {
+                    code,
+                    message,
+                    room: Some(room),
+                    id: Some(id),
+                })
+            }
+            // Refused for good.
             _ => {
-                self.pending.remove(index);
+                let send = self.pending.remove(index).expect("index found above");
+                Some(Event::SendFailed {
+                    id: send.id,
+                    room: send.room,
+                    code,
+                    message,
+                })
             }
         }
     }
@@ -610,52 +1104,103 @@ impl Session {
     /// An error without a send id answers the join in flight (a failed join names its room),
     /// or a leave of a room the gateway did not have (answers come in the order the requests
     /// were sent).
-    fn on_request_error(&mut self, code: ErrorCode, named: Option<&RoomId>) {
-        if code == ErrorCode::NotJoined {
-            if let Some(room) = self.leaves.pop_front()
-                && let Some(state) = self.rooms.get_mut(&room)
-            {
+    fn on_request_error(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        named: Option<RoomId>,
+    ) -> Option<Event> {
+        if code == ErrorCode::NotJoined
+            && let Some(room) = self.leaves.pop_front()
+        {
+            if let Some(state) = self.rooms.get_mut(&room) {
                 state.leaving = false;
+                if !state.wanted {
+                    return Some(Event::Left { room });
+                }
             }
-            return;
+            return None;
         }
-        if named.is_some_and(|named| self.joining.as_ref() != Some(named)) {
-            return;
-        }
-        let Some(room) = self.joining.take() else {
-            return;
+        let answers_join = match (&self.joining, &named) {
+            (Some(joining), Some(named)) => joining.room == *named,
+            (Some(_), None) => true,
+            (None, _) => false,
         };
+        if !answers_join {
+            return Some(Event::Error {
+                code,
+                message,
+                room: named,
+            });
+        }
+        let Joining { room, since } = self.joining.take().expect("checked above");
+        let state = self.rooms.get_mut(&room)?;
+        state.resyncing = false;
         match code {
             ErrorCode::Unavailable | ErrorCode::RateLimited => {
+                let wanted = state.wanted;
                 self.join_failures += 1;
                 self.join_retry_at = Some(Instant::now() + self.delay(self.join_failures));
-                self.join_queue.push_front(room);
+                if wanted {
+                    self.join_queue.push_front(room.clone());
+                }
+                Some(Event::Retrying {
+                    code,
+                    message,
+                    room: Some(room),
+                    id: None,
+                })
             }
             // The store no longer holds everything after `since`: nothing was replayed. As the
-            // README says, the caller tells the user (it sees the frame, which names the oldest
-            // seq kept) and the session joins again without `since`: live from now on.
+            // README says, the app tells the user (the message names the oldest seq kept) and
+            // the session joins again without `since`: live from now on.
             ErrorCode::HistoryExpired => {
-                if let Some(state) = self.rooms.get_mut(&room) {
-                    state.position = None;
-                    state.requested = None;
+                state.position = None;
+                state.requested = None;
+                if state.wanted {
+                    self.join_queue.push_front(room.clone());
                 }
-                self.join_queue.push_front(room);
+                Some(Event::HistoryExpired {
+                    room,
+                    since: since.unwrap_or(Seq(0)),
+                    message,
+                })
             }
             // Forbidden, a room limit, or a code this client does not know: the join is not
-            // retried; the caller sees the error frame.
+            // retried, and sends waiting for the room are given up.
             _ => {
-                if let Some(state) = self.rooms.get_mut(&room) {
-                    state.wanted = false;
-                }
+                state.wanted = false;
+                let mut dropped_sends = Vec::new();
+                self.pending.retain(|p| {
+                    let keep = p.room != room;
+                    if !keep {
+                        dropped_sends.push(p.id.clone());
+                    }
+                    keep
+                });
+                Some(Event::JoinFailed {
+                    room,
+                    code,
+                    message,
+                    dropped_sends,
+                })
             }
         }
     }
 }
 
-fn frame_json(frame: &ClientFrame) -> String {
-    serde_json::to_string(frame).expect("client frames always serialize")
+/// What woke a session waiting on its connection.
+enum Wake {
+    Received(Result<Received, ClientError>),
+    Retry,
+    Silence,
 }
 
-fn invalid(e: chorus_protocol::InvalidValue) -> ClientError {
-    ClientError::Unexpected(e.to_string())
+/// Whether a handshake was refused with HTTP 401 (the gateway's answer to a bad or expired token).
+fn is_unauthorized(error: &ClientError) -> bool {
+    matches!(error, ClientError::WebSocket(tungstenite::Error::Http(response)) if response.status() == 401)
+}
+
+fn frame_json(frame: &ClientFrame) -> String {
+    serde_json::to_string(frame).expect("client frames always serialize")
 }

@@ -1,13 +1,17 @@
 //! What a [`Session`] does across reconnects, against a scripted gateway: it resumes every room
 //! from its position (the latest `joined` seq counts as much as the last message), never
-//! replays history it was not asked for, and retries unacked sends with the same id.
+//! replays history it was not asked for, retries unacked sends with the same id, delivers each
+//! message once and in order whatever the gateway sends, leaves a silent connection, refreshes
+//! its token, stops when told to, and bounds what it keeps.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_client::{Backoff, ClientError, Event, Session};
-use chorus_protocol::{ClientFrame, ErrorCode, RoomId, Seq, ServerFrame};
+use chorus_protocol::{ClientFrame, ErrorCode, RoomId, Seq};
 use common::{FakeGateway, SendPolicy, WAIT};
 
 fn lobby() -> RoomId {
@@ -44,14 +48,14 @@ async fn events_until(session: &mut Session, until: impl Fn(&Event) -> bool) -> 
 }
 
 fn is_joined(event: &Event) -> bool {
-    matches!(event, Event::Frame(ServerFrame::Joined { .. }))
+    matches!(event, Event::Joined { .. })
 }
 
 fn message_seqs(events: &[Event]) -> Vec<u64> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Frame(ServerFrame::Message(m)) => Some(m.seq.0),
+            Event::Message(m) => Some(m.seq.0),
             _ => None,
         })
         .collect()
@@ -154,17 +158,14 @@ async fn a_send_whose_ack_was_lost_is_sent_again_with_the_same_id_and_stored_onc
 
     fake.set_send_policy(SendPolicy::StoreThenDrop);
     let id = session.send(&lobby(), "hello").unwrap();
-    let events = events_until(&mut session, |e| {
-        matches!(e, Event::Frame(ServerFrame::Ack { .. }))
-    })
-    .await;
+    let events = events_until(&mut session, |e| matches!(e, Event::Acked { .. })).await;
     assert!(
         events
             .iter()
             .any(|e| matches!(e, Event::Disconnected { code: None, .. })),
         "{events:?}"
     );
-    let Some(Event::Frame(ServerFrame::Ack { id: acked, seq, .. })) = events.last() else {
+    let Some(Event::Acked { id: acked, seq, .. }) = events.last() else {
         unreachable!()
     };
     assert_eq!((acked, *seq), (&id, Seq(1)));
@@ -210,17 +211,14 @@ async fn an_unavailable_send_is_retried_with_the_same_id_on_the_same_connection(
     events_until(&mut session, is_joined).await;
     fake.set_send_policy(SendPolicy::UnavailableOnce);
     let id = session.send(&lobby(), "hello").unwrap();
-    let events = events_until(&mut session, |e| {
-        matches!(e, Event::Frame(ServerFrame::Ack { .. }))
-    })
-    .await;
+    let events = events_until(&mut session, |e| matches!(e, Event::Acked { .. })).await;
     assert!(
         events.iter().any(|e| matches!(
             e,
-            Event::Frame(ServerFrame::Error {
+            Event::Retrying {
                 code: ErrorCode::Unavailable,
                 ..
-            })
+            }
         )),
         "{events:?}"
     );
@@ -277,7 +275,7 @@ async fn a_close_that_says_do_not_reconnect_ends_the_session() {
     let mut session = session(&fake);
     session.join(lobby(), None);
     events_until(&mut session, is_joined).await;
-    fake.close_all_then_post(4500, &lobby(), &[]);
+    fake.close_all_then_post(4500, &lobby(), &["while stopped"]);
     let end = tokio::time::timeout(WAIT, session.next_event())
         .await
         .unwrap();
@@ -285,6 +283,21 @@ async fn a_close_that_says_do_not_reconnect_ends_the_session() {
         matches!(end, Err(ClientError::Closed { code: 4500, .. })),
         "{end:?}"
     );
+    // Stopped: every later call says so at once, and nothing reconnects.
+    let again = tokio::time::timeout(WAIT, session.next_event())
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Err(ClientError::Closed { code: 4500, .. })),
+        "{again:?}"
+    );
+    assert!(session.is_stopped());
+    assert_eq!(fake.connections(), 1);
+    // Until the app says so: then it resumes where it was.
+    session.reconnect();
+    let events = events_until(&mut session, is_joined).await;
+    assert_eq!(message_seqs(&events), [1], "{events:?}");
+    assert_eq!(joins(&fake.received()), [(0, None), (1, Some(Seq(0)))]);
 }
 
 #[tokio::test]
@@ -344,7 +357,7 @@ async fn when_history_has_expired_the_error_is_passed_on_and_the_room_joined_aga
     assert!(
         events.iter().any(|e| matches!(
             e,
-            Event::Frame(ServerFrame::Error { code: ErrorCode::HistoryExpired, room: Some(r), .. }) if *r == lobby()
+            Event::HistoryExpired { room, since: Seq(2), .. } if *room == lobby()
         )),
         "{events:?}"
     );
@@ -354,4 +367,245 @@ async fn when_history_has_expired_the_error_is_passed_on_and_the_room_joined_aga
         joins(&fake.received()),
         [(0, None), (1, Some(Seq(2))), (1, None)]
     );
+}
+
+/// Runs the session until `done` holds for it; returns every event on the way.
+async fn events_while_not(session: &mut Session, done: impl Fn(&Session) -> bool) -> Vec<Event> {
+    let mut events = Vec::new();
+    while !done(session) {
+        events.push(next(session).await);
+    }
+    events
+}
+
+fn count(events: &[Event], what: impl Fn(&Event) -> bool) -> usize {
+    events.iter().filter(|e| what(e)).count()
+}
+
+#[tokio::test]
+async fn frames_the_gateway_sends_twice_reach_the_app_once() {
+    let fake = FakeGateway::start().await;
+    fake.post(&lobby(), &["1", "2"]);
+    fake.duplicate_frames(true);
+    let mut session = session(&fake);
+    session.join(lobby(), Some(Seq(0)));
+    let id = session.send(&lobby(), "mine").unwrap();
+    let mut events = events_while_not(&mut session, |s| {
+        s.position(&lobby()) == Some(Seq(3)) && s.unacked().count() == 0
+    })
+    .await;
+    // One more message: once it is in, every duplicate sent before it has been read.
+    fake.post(&lobby(), &["4"]);
+    events.extend(events_while_not(&mut session, |s| s.position(&lobby()) == Some(Seq(4))).await);
+    assert_eq!(message_seqs(&events), [1, 2, 3, 4], "{events:?}");
+    assert_eq!(count(&events, is_joined), 1, "one joined for one join");
+    let acks: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Acked { .. }))
+        .collect();
+    assert!(
+        matches!(acks[..], [Event::Acked { id: acked, seq: Seq(3), .. }] if *acked == id),
+        "{acks:?}"
+    );
+    let stats = session.stats();
+    assert!(stats.duplicates_dropped >= 3, "{stats:?}");
+    assert_eq!(stats.stray_acks, 1, "{stats:?}");
+    assert_eq!(fake.log(&lobby()).len(), 4);
+}
+
+#[tokio::test]
+async fn a_hole_is_never_delivered_out_of_order_the_room_is_joined_again_from_its_position() {
+    let fake = FakeGateway::start().await;
+    let mut session = session(&fake);
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    // Seq 1's notification is lost: seq 2 arrives past a hole.
+    fake.post_unsent(&lobby(), &["1"]);
+    fake.post(&lobby(), &["2"]);
+    let events = events_until(&mut session, is_joined).await;
+    assert_eq!(message_seqs(&events), [1, 2], "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::Joined {
+                seq: Seq(2),
+                resumed: true,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+    assert_eq!(count(&events, |e| matches!(e, Event::Connected { .. })), 0);
+    assert_eq!(
+        joins(&fake.received()),
+        [(0, None), (0, Some(Seq(0)))],
+        "re-joined on the same connection from the position before the hole"
+    );
+    assert_eq!(session.stats().gaps_resynced, 1);
+}
+
+#[tokio::test]
+async fn a_send_met_by_silence_is_sent_again_with_its_id_on_a_new_connection() {
+    let fake = FakeGateway::start().await;
+    let mut session = session(&fake);
+    let timeout = Duration::from_millis(300);
+    session.set_request_timeout(timeout);
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    // Nothing waits for an answer: a quiet connection is not a dead one.
+    assert!(
+        tokio::time::timeout(timeout * 3, session.next_event())
+            .await
+            .is_err(),
+        "no event on a quiet connection"
+    );
+    fake.silence_all();
+    let id = session.send(&lobby(), "hello").unwrap();
+    let events = events_until(&mut session, |e| matches!(e, Event::Acked { .. })).await;
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::Disconnected { code: None, reason, .. } if reason.contains("nothing heard")
+        )),
+        "{events:?}"
+    );
+    let sends: Vec<(u64, String)> = fake
+        .received()
+        .into_iter()
+        .filter_map(|(conn, f)| match f {
+            ClientFrame::Send { id, .. } => Some((conn, id.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sends,
+        [(1, id.to_string())],
+        "the silent connection read nothing"
+    );
+    assert_eq!(session.stats().send_retries, 1);
+    assert_eq!(fake.log(&lobby()).len(), 1);
+}
+
+/// A token source that counts its calls and hands out `fresh-1`, `fresh-2`, …, failing the
+/// first `failures` calls.
+fn token_source(session: &mut Session, failures: usize) -> Arc<AtomicUsize> {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    session.set_token_source(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n <= failures {
+                Err(format!("the auth service is down (call {n})"))
+            } else {
+                Ok(format!("fresh-{n}"))
+            }
+        }
+    });
+    calls
+}
+
+fn token(value: &str) -> Option<String> {
+    Some(value.to_owned())
+}
+
+#[tokio::test]
+async fn on_4003_the_session_asks_for_a_fresh_token_then_resumes() {
+    let fake = FakeGateway::start().await;
+    let mut session = session(&fake);
+    session.set_token(token("old"));
+    let calls = token_source(&mut session, 1);
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    fake.close_all_then_post(4003, &lobby(), &["missed"]);
+    let events = events_until(&mut session, is_joined).await;
+    assert!(
+        matches!(
+            &events[..],
+            [
+                Event::Disconnected {
+                    code: Some(4003),
+                    ..
+                },
+                Event::TokenRefreshFailed { .. },
+                Event::Connected { .. },
+                ..
+            ]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(message_seqs(&events), [1]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(fake.tokens(), [token("old"), token("fresh-2")]);
+}
+
+#[tokio::test]
+async fn a_handshake_refused_with_401_gets_a_fresh_token_from_the_source() {
+    let fake = FakeGateway::start().await;
+    fake.refuse_token("expired");
+    let mut session = session(&fake);
+    session.set_token(token("expired"));
+    token_source(&mut session, 0);
+    session.join(lobby(), None);
+    let events = events_until(&mut session, is_joined).await;
+    assert!(
+        matches!(
+            &events[..],
+            [Event::ConnectFailed { .. }, Event::Connected { .. }, ..]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(fake.tokens(), [token("expired"), token("fresh-1")]);
+}
+
+#[tokio::test]
+async fn on_4003_without_a_token_source_the_session_stops_until_given_a_token() {
+    let fake = FakeGateway::start().await;
+    let mut session = session(&fake);
+    session.set_token(token("old"));
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    fake.close_all(4003);
+    for _ in 0..2 {
+        let end = tokio::time::timeout(WAIT, session.next_event())
+            .await
+            .unwrap();
+        assert!(matches!(end, Err(ClientError::TokenExpired)), "{end:?}");
+    }
+    assert_eq!(fake.connections(), 1, "no reconnect with the expired token");
+    session.set_token(token("new"));
+    session.reconnect();
+    events_until(&mut session, is_joined).await;
+    assert_eq!(fake.tokens(), [token("old"), token("new")]);
+}
+
+#[test]
+fn what_a_session_keeps_is_bounded_and_every_refusal_says_why() {
+    let mut session = Session::new(vec!["ws://127.0.0.1:9/ws".into()], None);
+    session.set_max_pending_sends(2);
+    let elsewhere = RoomId::parse("elsewhere").unwrap();
+    assert!(matches!(
+        session.send(&elsewhere, "hi"),
+        Err(ClientError::NotJoined(room)) if room == elsewhere
+    ));
+    session.join(lobby(), None);
+    let first = session.send(&lobby(), "one").unwrap();
+    assert!(matches!(
+        session.send_with_id(&lobby(), first.clone(), "one again"),
+        Err(ClientError::DuplicateId(id)) if id == first
+    ));
+    session.send(&lobby(), "two").unwrap();
+    let full = session.send(&lobby(), "three").unwrap_err();
+    assert!(
+        matches!(full, ClientError::QueueFull { limit: 2 }),
+        "{full:?}"
+    );
+    assert!(
+        full.to_string()
+            .contains("2 sends are waiting for their ack")
+    );
+    assert!(matches!(
+        session.send(&lobby(), ""),
+        Err(ClientError::Invalid(_))
+    ));
+    assert_eq!(session.unacked().count(), 2);
 }
