@@ -1,6 +1,6 @@
-//! A Rust client for Chorus gateways (WebSocket subprotocol
-//! `chorus.v1`) that keeps the gateway's promise — every message of a room once and in order —
-//! across reconnects, gateway drains and crashes.
+//! A Rust client for Chorus gateways (WebSocket subprotocol `chorus.v1`) that keeps the
+//! gateway's promise — every message of a room once and in order — across reconnects, gateway
+//! drains and crashes.
 //!
 //! The gateway keeps half of that promise: it replays a room from `since` and drops the bus's
 //! duplicates. The other half lives in the client, and [`Session`] does it:
