@@ -41,7 +41,11 @@ async fn main() -> Result<(), ClientError> {
             Event::HistoryExpired { room, message, .. } => {
                 println!("messages of {room} were missed: {message}");
             }
-            Event::Disconnected { code, reason, retry_in } => {
+            Event::Disconnected {
+                code,
+                reason,
+                retry_in,
+            } => {
                 println!("disconnected ({code:?}: {reason}); reconnecting in {retry_in:?}");
             }
             Event::ConnectFailed { url, error, .. } => {
