@@ -51,8 +51,10 @@ use chorus_protocol::{
     Body, ClientFrame, ClientMsgId, ErrorCode, MessageEvent, RoomId, Seq, ServerFrame, close,
 };
 use futures_util::Sink;
-use tokio::time::{Instant, sleep_until};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::{Client, ClientError, Received};
 
@@ -271,6 +273,8 @@ pub struct Session {
     /// When the session last started waiting for an answer (the silence counts from the later of
     /// this and the last thing heard).
     waiting_since: Instant,
+    /// Fires at the silence deadline, or before (made on first use: it needs the runtime).
+    silence_timer: Option<Pin<Box<Sleep>>>,
     rooms: BTreeMap<RoomId, RoomState>,
     /// Rooms to join on this connection, in order; one join is in flight at a time.
     join_queue: VecDeque<RoomId>,
@@ -280,6 +284,8 @@ pub struct Session {
     /// Rooms whose `leave` is in flight, in the order sent (answers come in that order).
     leaves: VecDeque<RoomId>,
     pending: VecDeque<PendingSend>,
+    /// Events decided outside `next_event` (a leave done at once), reported first.
+    ready: VecDeque<Event>,
     /// Frames decided but not yet handed to the socket.
     outgoing: VecDeque<String>,
     /// Rooms ever joined (gives each its `order`).
@@ -341,6 +347,7 @@ impl Session {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_pending: DEFAULT_MAX_PENDING_SENDS,
             waiting_since: Instant::now(),
+            silence_timer: None,
             rooms: BTreeMap::new(),
             join_queue: VecDeque::new(),
             joining: None,
@@ -348,6 +355,7 @@ impl Session {
             join_retry_at: None,
             leaves: VecDeque::new(),
             pending: VecDeque::new(),
+            ready: VecDeque::new(),
             outgoing: VecDeque::new(),
             rooms_joined: 0,
             next_id: 0,
@@ -445,19 +453,28 @@ impl Session {
         self.enqueue_join(room);
     }
 
-    /// Leave `room`. Its position is kept (a later [`Session::join`] resumes from it), and so are
-    /// its unacked sends (they go out if the room is joined again).
+    /// Leave `room`; [`Event::Left`] confirms it (at once when the room is not joined on a
+    /// connection, or when the connection ends first). Its position is kept (a later
+    /// [`Session::join`] resumes from it), and so are its unacked sends (they go out if the room
+    /// is joined again). Does nothing for a room never joined.
     pub fn leave(&mut self, room: &RoomId) {
         let Some(state) = self.rooms.get_mut(room) else {
             return;
         };
+        if !state.wanted {
+            return;
+        }
         state.wanted = false;
         let joined = state.joined;
         self.join_queue.retain(|r| r != room);
-        if joined {
+        if self.joining.as_ref().is_some_and(|j| j.room == *room) {
+            // The join in flight is answered first: its `joined` sends the leave; a refusal
+            // means there is nothing to leave.
+        } else if joined && self.conn.is_some() {
             self.send_leave(room);
+        } else {
+            self.ready.push_back(Event::Left { room: room.clone() });
         }
-        // A join in flight is answered first; its `joined` then sends the leave.
     }
 
     /// Sends `body` to `room` (joined, or being joined) with a fresh id, which it returns. The
@@ -590,6 +607,9 @@ impl Session {
     /// the caller decides when to give up.
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(event);
+            }
             if let Some(stop) = &self.stopped {
                 return Err(stop.error());
             }
@@ -598,31 +618,49 @@ impl Session {
             }
             // Write what is due; a write that cannot proceed counts as silence too.
             self.plan();
-            let write_deadline = self.silence_deadline();
-            let written = tokio::select! {
-                written = self.write_out() => Some(written),
-                () = sleep_until(write_deadline) => None,
-            };
-            match written {
-                Some(Ok(())) => {}
-                Some(Err(e)) => return Ok(self.lost(None, e.to_string())),
-                None => return Ok(self.lost(None, self.silence_reason())),
+            let awaiting = self.awaiting_answer();
+            if awaiting {
+                self.arm_silence_timer();
+            }
+            if !self.outgoing.is_empty() {
+                let conn = self.conn.as_mut().expect("connected");
+                let timer = self
+                    .silence_timer
+                    .as_mut()
+                    .expect("armed: frames are requests");
+                let written = tokio::select! {
+                    written = write_frames(&mut conn.socket, &mut self.outgoing) => Some(written),
+                    () = timer.as_mut() => None,
+                };
+                match written {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return Ok(self.lost(None, e.to_string())),
+                    None if self.silent_too_long() => {
+                        return Ok(self.lost(None, self.silence_reason()));
+                    }
+                    None => continue,
+                }
             }
 
             let retry = self.next_retry();
-            let silent = self.awaiting_answer().then(|| self.silence_deadline());
             let conn = self.conn.as_mut().expect("connected");
+            let timer = self.silence_timer.as_mut().filter(|_| awaiting);
             let woken = tokio::select! {
                 received = conn.recv() => Wake::Received(received),
                 () = sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => Wake::Retry,
-                () = sleep_until(silent.unwrap_or_else(Instant::now)), if silent.is_some() => Wake::Silence,
+                () = async {
+                    match timer {
+                        Some(timer) => timer.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => Wake::Silence,
             };
             match woken {
                 Wake::Retry => {}
-                // Something may have been heard since the deadline was set (a ping is read
-                // inside `recv`): only a full timeout of silence ends the connection.
+                // Something may have been heard since the timer was set (a ping is read inside
+                // `recv`): only a full timeout of silence ends the connection.
                 Wake::Silence => {
-                    if self.awaiting_answer() && self.silence_deadline() <= Instant::now() {
+                    if self.silent_too_long() {
                         return Ok(self.lost(None, self.silence_reason()));
                     }
                 }
@@ -776,6 +814,22 @@ impl Session {
     fn disconnected(&mut self) {
         self.conn = None;
         self.outgoing.clear();
+        // Leaves in flight are done, and so is a leave waiting for the join in flight: the
+        // connection that had the rooms is gone.
+        let joining = self.joining.take().map(|j| j.room);
+        let mut left = Vec::new();
+        for room in self.leaves.drain(..).chain(joining) {
+            if !self.rooms.get(&room).is_some_and(|s| s.wanted) && !left.contains(&room) {
+                left.push(room);
+            }
+        }
+        self.ready
+            .extend(left.into_iter().map(|room| Event::Left { room }));
+        for state in self.rooms.values_mut() {
+            state.joined = false;
+            state.leaving = false;
+            state.resyncing = false;
+        }
         self.back_off();
     }
 
@@ -825,6 +879,23 @@ impl Session {
             .as_ref()
             .map_or(self.waiting_since, |c| c.last_heard);
         heard.max(self.waiting_since) + self.request_timeout
+    }
+
+    /// Whether a request has waited with nothing heard for the whole request timeout.
+    fn silent_too_long(&self) -> bool {
+        self.awaiting_answer() && self.silence_deadline() <= Instant::now()
+    }
+
+    /// Makes sure the silence timer fires no later than the silence deadline. It is kept across
+    /// frames and may fire early (the deadline moves on with every frame heard): the wake-up
+    /// then checks and sets it again, once per request timeout at most, not once per frame.
+    fn arm_silence_timer(&mut self) {
+        let deadline = self.silence_deadline();
+        match &mut self.silence_timer {
+            Some(timer) if timer.deadline() <= deadline && !timer.is_elapsed() => {}
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.silence_timer = Some(Box::pin(sleep_until(deadline))),
+        }
     }
 
     /// Whether a join, leave or send on this connection waits for its answer.
@@ -912,24 +983,13 @@ impl Session {
         join.into_iter().chain(sends).min()
     }
 
-    /// Plans, then writes the outgoing frames. A frame leaves the queue in the same step as the
-    /// socket takes it (`start_send`), so a cancelled write loses and repeats nothing.
+    /// Plans, then writes the outgoing frames (see [`write_frames`]).
     async fn write_out(&mut self) -> Result<(), ClientError> {
         self.plan();
-        let Some(conn) = self.conn.as_mut() else {
-            return Ok(());
-        };
-        if self.outgoing.is_empty() {
-            return Ok(());
+        match self.conn.as_mut() {
+            Some(conn) => write_frames(&mut conn.socket, &mut self.outgoing).await,
+            None => Ok(()),
         }
-        let socket = &mut conn.socket;
-        while let Some(frame) = self.outgoing.front() {
-            poll_fn(|cx| Pin::new(&mut *socket).poll_ready(cx)).await?;
-            Pin::new(&mut *socket).start_send(Message::text(frame.clone()))?;
-            self.outgoing.pop_front();
-        }
-        poll_fn(|cx| Pin::new(&mut *socket).poll_flush(cx)).await?;
-        Ok(())
     }
 
     /// Updates the state for a frame; the event to report, if the app should see one.
@@ -987,7 +1047,6 @@ impl Session {
                     self.stats.gaps_resynced += 1;
                     state.resyncing = true;
                     if joining.is_none() {
-                        state.joined = false;
                         let room = m.room;
                         self.join_queue.retain(|r| *r != room);
                         self.join_queue.push_front(room);
@@ -1136,6 +1195,10 @@ impl Session {
         let Joining { room, since } = self.joining.take().expect("checked above");
         let state = self.rooms.get_mut(&room)?;
         state.resyncing = false;
+        if !state.wanted {
+            // Left while the join was in flight, and the join was refused: nothing to leave.
+            return Some(Event::Left { room });
+        }
         match code {
             ErrorCode::Unavailable | ErrorCode::RateLimited => {
                 let wanted = state.wanted;
@@ -1187,6 +1250,24 @@ impl Session {
             }
         }
     }
+}
+
+/// Writes `outgoing` to the socket. A frame leaves the queue in the same step as the socket takes
+/// it (`start_send`), so a cancelled write loses and repeats nothing.
+async fn write_frames(
+    socket: &mut WebSocketStream<MaybeTlsStream<TcpStream>>,
+    outgoing: &mut VecDeque<String>,
+) -> Result<(), ClientError> {
+    if outgoing.is_empty() {
+        return Ok(());
+    }
+    while let Some(frame) = outgoing.front() {
+        poll_fn(|cx| Pin::new(&mut *socket).poll_ready(cx)).await?;
+        Pin::new(&mut *socket).start_send(Message::text(frame.clone()))?;
+        outgoing.pop_front();
+    }
+    poll_fn(|cx| Pin::new(&mut *socket).poll_flush(cx)).await?;
+    Ok(())
 }
 
 /// What woke a session waiting on its connection.

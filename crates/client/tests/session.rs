@@ -609,3 +609,29 @@ fn what_a_session_keeps_is_bounded_and_every_refusal_says_why() {
     ));
     assert_eq!(session.unacked().count(), 2);
 }
+
+#[tokio::test]
+async fn every_leave_is_confirmed_even_when_the_connection_ends_before_its_answer() {
+    let fake = FakeGateway::start().await;
+    let mut session = session(&fake);
+    // Not joined on any connection yet: done at once.
+    session.join(lobby(), None);
+    session.leave(&lobby());
+    assert!(matches!(next(&mut session).await, Event::Left { room } if room == lobby()));
+
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    fake.silence_all();
+    session.leave(&lobby());
+    session.flush().await.unwrap();
+    fake.drop_all();
+    let events = events_until(&mut session, |e| matches!(e, Event::Left { .. })).await;
+    assert!(
+        matches!(
+            &events[..],
+            [Event::Disconnected { code: None, .. }, Event::Left { room }] if *room == lobby()
+        ),
+        "{events:?}"
+    );
+    assert!(!session.is_joined(&lobby()));
+}
