@@ -6,8 +6,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chorus_chat::{Client, ClientError, Event, Session};
-use chorus_protocol::{RoomId, Seq, ServerFrame};
+use chorus_client::{Client, ClientError, Event, Session};
+use chorus_protocol::{PageLimit, RoomId, Seq, ServerFrame};
 use clap::Parser as _;
 use tokio::io::AsyncBufReadExt as _;
 
@@ -159,6 +159,8 @@ async fn chat(
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut failed = 0usize;
+    // The oldest seq on screen, or the one after the join's: where `/earlier` pages back from.
+    let mut oldest: Option<Seq> = None;
     loop {
         // At the end of input, leave once every send is acked (they survive reconnects).
         if !stdin_open && session.unacked().next().is_none() {
@@ -167,6 +169,12 @@ async fn chat(
         tokio::select! {
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) if line.trim() == "/earlier" => {
+                    let limit = PageLimit::new(20).expect("20 is a page limit");
+                    if let Err(e) = session.history(&room, oldest, limit) {
+                        eprintln!("! {e}");
+                    }
+                }
                 Ok(Some(line)) => {
                     if let Err(e) = session.send(&room, &line) {
                         eprintln!("! {e}");
@@ -176,47 +184,54 @@ async fn chat(
             },
             event = session.next_event() => match event? {
                 Event::Connected { url } => eprintln!("* connected to {url}"),
-                Event::Frame(frame) => {
-                    if matches!(frame, ServerFrame::Joined { .. }) {
-                        failed = 0;
-                    }
-                    print_frame(&frame);
+                Event::Joined { room, seq, .. } => {
+                    failed = 0;
+                    oldest = oldest.or(Some(seq.next()));
+                    eprintln!("* joined {room} at seq {seq} (/earlier shows what came before)");
                 }
-                Event::Disconnected { code: Some(code), reason } => {
+                Event::Message(m) => {
+                    oldest = Some(oldest.map_or(m.seq, |o| o.min(m.seq)));
+                    println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str());
+                }
+                Event::History { room, messages, .. } => match messages.first() {
+                    None => eprintln!("* nothing earlier of {room} is stored"),
+                    Some(first) => {
+                        oldest = Some(first.seq);
+                        eprintln!("* {} earlier messages of {room}:", messages.len());
+                        for m in &messages {
+                            println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str());
+                        }
+                    }
+                },
+                Event::Acked { seq, .. } => eprintln!("* sent (seq {seq})"),
+                Event::Left { room } => eprintln!("* left {room}"),
+                Event::HistoryExpired { room, message, .. } => {
+                    eprintln!("! messages of {room} were missed: {message}");
+                }
+                Event::SendFailed { code, message, .. } | Event::JoinFailed { code, message, .. } => {
+                    eprintln!("! {code:?}: {message}");
+                }
+                Event::Retrying { code, message, .. } | Event::Error { code, message, .. } => {
+                    eprintln!("! {code:?}: {message}");
+                }
+                Event::Disconnected { code: Some(code), reason, .. } => {
                     failed += 1;
                     eprintln!("* gateway closed ({code}: {reason}): reconnecting and resuming");
                 }
-                Event::Disconnected { code: None, reason } => {
+                Event::Disconnected { code: None, reason, .. } => {
                     failed += 1;
                     eprintln!("* connection lost ({reason}): reconnecting and resuming");
                 }
-                Event::ConnectFailed { url, error } => {
+                Event::ConnectFailed { url, error, .. } => {
                     failed += 1;
                     eprintln!("* cannot connect to {url}: {error}");
                     if failed >= give_up_after {
                         return Err(error);
                     }
                 }
+                other => eprintln!("* {other:?}"),
             },
         }
-    }
-}
-
-fn print_frame(frame: &ServerFrame) {
-    match frame {
-        ServerFrame::Message(m) => {
-            println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str())
-        }
-        ServerFrame::Joined { room, seq } => eprintln!("* joined {room} at seq {seq}"),
-        ServerFrame::Left { room } => eprintln!("* left {room}"),
-        ServerFrame::Ack { seq, .. } => eprintln!("* sent (seq {seq})"),
-        ServerFrame::History { room, messages, .. } => {
-            eprintln!("* {} earlier messages of {room}:", messages.len());
-            for m in messages {
-                println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.body.as_str());
-            }
-        }
-        ServerFrame::Error { code, message, .. } => eprintln!("! {code:?}: {message}"),
     }
 }
 

@@ -2,6 +2,8 @@
 //! posted while it is reconnecting shows up once, and a line typed just before the end of input
 //! is delivered before it exits.
 
+// The scripted gateway of chorus-client's own tests.
+#[path = "../../client/tests/common/mod.rs"]
 mod common;
 
 use std::process::Stdio;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chorus_chat::{Client, ClientError, Received};
+use chorus_client::{Client, ClientError, Received};
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
 use common::{Gateway, WAIT, metric};
 use futures_util::StreamExt as _;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use chorus_chat::Client;
+use chorus_client::Client;
 use chorus_protocol::{RoomId, Seq, ServerFrame};
 use common::{Gateway, WAIT, metric};
 use tokio::io::AsyncWriteExt as _;

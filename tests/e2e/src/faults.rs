@@ -3,6 +3,8 @@
 //! at-least-once, unordered bus may behave. Deterministic for a given seed. It can also drop, every
 //! time, the notifications that carry chosen messages (e.g. the last of each burst in a room).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -36,12 +38,17 @@ pub struct FaultStats {
 /// Which messages (room, seq) the layer always drops.
 pub type DropRule = Box<dyn Fn(&str, u64) -> bool + Send + Sync>;
 
+/// Awaited before a notification the drop rule names is answered (e.g. to delete its message from
+/// the store, so that the gateway cannot fill the hole from there either).
+pub type DropHook = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 #[derive(Clone)]
 struct Shared {
     plan: FaultPlan,
     rng: Arc<Mutex<u64>>,
     target: Arc<OnceLock<String>>,
     rule: Arc<OnceLock<DropRule>>,
+    hook: Arc<OnceLock<DropHook>>,
     stats: Arc<FaultStats>,
     http: reqwest::Client,
 }
@@ -66,6 +73,7 @@ impl FaultyIngress {
             rng: Arc::new(Mutex::new(plan.seed.max(1))),
             target: Arc::default(),
             rule: Arc::default(),
+            hook: Arc::default(),
             stats: Arc::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -89,6 +97,12 @@ impl FaultyIngress {
     /// whatever the dice say (at most one rule; later calls are ignored).
     pub fn always_drop(&self, rule: DropRule) {
         let _ = self.shared.rule.set(rule);
+    }
+
+    /// From now on, await `hook` before answering a notification the drop rule names (at most
+    /// one hook; later calls are ignored).
+    pub fn on_rule_drop(&self, hook: DropHook) {
+        let _ = self.shared.hook.set(hook);
     }
 
     pub fn stats(&self) -> &FaultStats {
@@ -178,6 +192,9 @@ async fn ingress(State(shared): State<Shared>, body: Bytes) -> StatusCode {
         .get()
         .is_some_and(|rule| ruled_out(rule, &notification))
     {
+        if let Some(hook) = shared.hook.get() {
+            hook().await;
+        }
         stats.dropped_by_rule.fetch_add(1, Ordering::Relaxed);
         return StatusCode::OK;
     }

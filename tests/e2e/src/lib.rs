@@ -7,6 +7,7 @@
 
 pub mod balancer;
 pub mod faults;
+pub mod proxy;
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
@@ -295,15 +296,33 @@ impl Service {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends SIGTERM without waiting for the exit ([`Service::exit_status`] says when it
+    /// happened).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn signal_terminate(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.pid());
+        Ok(())
+    }
+
+    /// How it exited, if it has.
+    ///
+    /// # Errors
+    /// When its state cannot be read.
+    pub fn exit_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Sends SIGTERM and waits for the exit, at most `timeout`.
     ///
     /// # Errors
     /// When it does not exit in time.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.pid());
+        self.signal_terminate()?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chorus_chat::{Client, ClientError, Received};
+use chorus_client::{Client, ClientError, Received};
 use chorus_e2e::Stack;
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
 use tokio_tungstenite::tungstenite;
@@ -305,7 +305,7 @@ async fn a_draining_gateway_closes_clients_with_the_resume_code_and_unsubscribes
 async fn connecting_without_a_user_in_dev_mode_is_refused_with_a_reason() {
     let stack = Stack::start(1).await.unwrap();
     let url = format!("ws://{}/ws", stack.gateways[0].addr);
-    let err = Client::connect(&url).await.err().expect("refused");
+    let err = Client::connect(&url).await.expect_err("refused");
     assert!(err.to_string().contains("401"), "{err}");
     let ClientError::WebSocket(tungstenite::Error::Http(response)) = err else {
         panic!("expected an HTTP refusal")

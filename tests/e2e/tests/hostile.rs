@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chorus_chat::{Client, Received};
+use chorus_client::{Client, Received};
 use chorus_e2e::{Service, Stack};
 use chorus_protocol::{ErrorCode, RoomId, ServerFrame};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

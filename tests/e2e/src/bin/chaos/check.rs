@@ -106,6 +106,31 @@ impl Verdict {
         self.reordered += reordered;
     }
 
+    /// What the client's session dropped before the client saw it: duplicates and holes the
+    /// gateway sent (the session re-joins from its position at a hole, so the client's record is
+    /// in order whatever the gateway did) and messages of rooms it never joined. Each is a break
+    /// of the gateway's promise, counted as the checker would have counted it in the record.
+    pub(crate) fn check_session(&mut self, report: &ClientReport) {
+        let stats = report.session;
+        if stats.duplicates_dropped + stats.gaps_resynced > 0 {
+            println!(
+                "chaos: {} ({:?}): its session dropped {} duplicates and re-joined at {} holes",
+                report.name,
+                report.role.map(Role::name).unwrap_or_default(),
+                stats.duplicates_dropped,
+                stats.gaps_resynced,
+            );
+        }
+        if stats.unknown_room_messages > 0 {
+            self.problems.push(format!(
+                "{} received {} messages of rooms it never joined",
+                report.name, stats.unknown_room_messages
+            ));
+        }
+        self.duplicated += stats.duplicates_dropped;
+        self.reordered += stats.gaps_resynced;
+    }
+
     /// The writer stored each acked send once, at the seq its ack named, and nothing else.
     pub(crate) fn check_store(
         &mut self,

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chorus_chat::{Backoff, Event, Session};
+use chorus_client::{Backoff, Event, Session, Stats};
 use chorus_e2e::metric_sum;
-use chorus_protocol::{ErrorCode, RoomId, ServerFrame, close};
+use chorus_protocol::{RoomId, close};
 use tokio::sync::{Barrier, watch};
 use tokio::time::Instant;
 
@@ -116,6 +116,9 @@ pub(crate) struct ClientReport {
     pub(crate) rooms: BTreeMap<RoomId, RoomRecord>,
     /// Messages of other rooms (never expected).
     pub(crate) foreign: usize,
+    /// What the session counted: the gateway's duplicates, holes and messages of rooms never
+    /// joined are dropped there (the app never sees them), so the checker reads them here.
+    pub(crate) session: Stats,
     /// Acked sends: (id, room, seq).
     pub(crate) acked: Vec<(String, RoomId, u64)>,
     pub(crate) connects: usize,
@@ -265,7 +268,7 @@ impl Driver {
                 self.awaiting.clone_from(&self.wanted);
                 shared.bump();
             }
-            Event::ConnectFailed { .. } => {}
+            Event::ConnectFailed { .. } | Event::TokenRefreshFailed { .. } => {}
             Event::Disconnected { code, .. } => {
                 *self.report.closes.entry(code).or_default() += 1;
                 let kicked = matches!(code, None | Some(close::SLOW_CONSUMER));
@@ -285,57 +288,48 @@ impl Driver {
                     }
                 }
             }
-            Event::Frame(frame) => match frame {
-                ServerFrame::Message(m) => {
-                    let Some(record) = self.report.rooms.get_mut(&m.room) else {
-                        self.report.foreign += 1;
-                        return Ok(());
-                    };
-                    record.received.push((m.seq.0, m.id.to_string()));
-                    if m.room == self.plan.room {
-                        shared.positions[self.plan.index].fetch_max(m.seq.0, Ordering::Relaxed);
-                    }
+            Event::Message(m) => {
+                let Some(record) = self.report.rooms.get_mut(&m.room) else {
+                    self.report.foreign += 1;
+                    return Ok(());
+                };
+                record.received.push((m.seq.0, m.id.to_string()));
+                if m.room == self.plan.room {
+                    shared.positions[self.plan.index].fetch_max(m.seq.0, Ordering::Relaxed);
+                }
+                shared.bump();
+            }
+            Event::Joined { room, seq, .. } if self.report.rooms.contains_key(&room) => {
+                let record = self.report.rooms.get_mut(&room).expect("known room");
+                record.first_joined.get_or_insert(seq.0);
+                self.awaiting.remove(&room);
+                if room == self.plan.room {
+                    self.left = false;
+                    shared.positions[self.plan.index].fetch_max(seq.0, Ordering::Relaxed);
+                }
+                shared.bump();
+            }
+            Event::Left { room } if room == self.plan.room => self.left = true,
+            Event::Acked { id, room, seq } => {
+                if self.current.as_deref() == Some(id.as_str()) {
+                    self.current = None;
+                    self.report
+                        .acked
+                        .push((id.to_string(), room.clone(), seq.0));
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                    shared.acked_head[&room].fetch_max(seq.0, Ordering::Relaxed);
                     shared.bump();
                 }
-                ServerFrame::Joined { room, seq } if self.report.rooms.contains_key(&room) => {
-                    let record = self.report.rooms.get_mut(&room).expect("known room");
-                    record.first_joined.get_or_insert(seq.0);
-                    self.awaiting.remove(&room);
-                    if room == self.plan.room {
-                        self.left = false;
-                        shared.positions[self.plan.index].fetch_max(seq.0, Ordering::Relaxed);
-                    }
-                    shared.bump();
-                }
-                ServerFrame::Left { room } if room == self.plan.room => self.left = true,
-                ServerFrame::Ack { id, room, seq } => {
-                    if self.current.as_deref() == Some(id.as_str()) {
-                        self.current = None;
-                        self.report
-                            .acked
-                            .push((id.to_string(), room.clone(), seq.0));
-                        shared.acked.fetch_add(1, Ordering::Relaxed);
-                        shared.acked_head[&room].fetch_max(seq.0, Ordering::Relaxed);
-                        shared.bump();
-                    }
-                }
-                // The session retries these (a send with the same id, a join after a backoff).
-                ServerFrame::Error {
-                    code:
-                        code @ (ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::NotJoined),
-                    ..
-                } => {
-                    *self
-                        .report
-                        .retried_errors
-                        .entry(format!("{code:?}"))
-                        .or_default() += 1;
-                }
-                ServerFrame::Error { code, message, .. } => {
-                    bail!("{}: error {code:?}: {message}", self.name)
-                }
-                other => bail!("{}: unexpected frame {other:?}", self.name),
-            },
+            }
+            // The session retries these (a send with the same id, a join after a backoff).
+            Event::Retrying { code, .. } => {
+                *self
+                    .report
+                    .retried_errors
+                    .entry(format!("{code:?}"))
+                    .or_default() += 1;
+            }
+            other => bail!("{}: unexpected event {other:?}", self.name),
         }
         Ok(())
     }
@@ -468,6 +462,7 @@ impl Driver {
             self.step().await?;
         }
         self.status("finished");
+        self.report.session = self.session.stats();
         let _ = self.session.close().await;
         Ok(self.report)
     }

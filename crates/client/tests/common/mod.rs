@@ -1,11 +1,13 @@
 //! A scripted stand-in for a gateway, enough to test what a client does across reconnects: it
 //! keeps a log per room, replays after `since`, acks sends (storing a retried id once), fans out
-//! live messages, and lets the test close or drop connections and store messages "from someone
-//! else" at chosen moments. It records every frame clients send.
+//! live messages, and lets the test close or drop connections, store messages "from someone
+//! else" at chosen moments (or store them without sending them: a lost notification), send every
+//! frame twice, go silent, and refuse tokens. It records every frame clients send and the token
+//! each connection offered.
 
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +38,9 @@ enum Out {
     Frame(ServerFrame),
     Close(u16),
     Drop,
+    /// From now on nothing goes out and nothing coming in is read (a network that went silent
+    /// without closing anything).
+    Silence,
 }
 
 #[derive(Default)]
@@ -51,6 +56,12 @@ struct State {
     /// Messages up to this seq are no longer stored: a join with an older `since` gets
     /// `history_expired`.
     expired_up_to: u64,
+    /// Every frame goes out twice.
+    duplicate_frames: bool,
+    /// The token (`bearer.<token>` subprotocol) each connection offered, in accept order.
+    tokens: Vec<Option<String>>,
+    /// Handshakes offering one of these tokens are refused with 401.
+    refused_tokens: HashSet<String>,
 }
 
 struct Conn {
@@ -97,19 +108,36 @@ impl FakeGateway {
     }
 
     async fn serve(self, stream: tokio::net::TcpStream) {
+        let mut offered = None;
+        let refused = self.state.lock().unwrap().refused_tokens.clone();
         #[allow(clippy::result_large_err)] // The callback's signature is tungstenite's.
-        fn subprotocol(
-            request: &Request,
-            mut response: Response,
-        ) -> Result<Response, ErrorResponse> {
-            if request.headers().contains_key("sec-websocket-protocol") {
+        let handshake = |request: &Request, mut response: Response| {
+            let protocols = request
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            offered = protocols
+                .split(',')
+                .find_map(|p| p.trim().strip_prefix("bearer."))
+                .map(str::to_owned);
+            if offered.as_ref().is_some_and(|t| refused.contains(t)) {
+                let mut refusal = ErrorResponse::new(Some("token expired".into()));
+                *refusal.status_mut() =
+                    tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED;
+                return Err(refusal);
+            }
+            if !protocols.is_empty() {
                 response
                     .headers_mut()
                     .insert("sec-websocket-protocol", "chorus.v1".parse().unwrap());
             }
             Ok(response)
-        }
-        let Ok(socket) = tokio_tungstenite::accept_hdr_async(stream, subprotocol).await else {
+        };
+        let socket = tokio_tungstenite::accept_hdr_async(stream, handshake).await;
+        self.state.lock().unwrap().tokens.push(offered);
+        let Ok(socket) = socket else {
+            self.changed.notify_waiters();
             return;
         };
         let (mut sink, mut stream) = socket.split();
@@ -128,14 +156,23 @@ impl FakeGateway {
             id
         };
         self.changed.notify_waiters();
+        let mut silent = false;
         loop {
             tokio::select! {
                 out = outbox.recv() => match out {
+                    Some(Out::Frame(_)) if silent => {}
                     Some(Out::Frame(frame)) => {
-                        if sink.send(Message::text(frame.to_json())).await.is_err() {
+                        let copies = if self.state.lock().unwrap().duplicate_frames { 2 } else { 1 };
+                        let text = frame.to_json();
+                        let mut failed = false;
+                        for _ in 0..copies {
+                            failed |= sink.send(Message::text(text.clone())).await.is_err();
+                        }
+                        if failed {
                             break;
                         }
                     }
+                    Some(Out::Silence) => silent = true,
                     Some(Out::Close(code)) => {
                         let close = CloseFrame { code: code.into(), reason: "test".into() };
                         let _ = sink.send(Message::Close(Some(close))).await;
@@ -143,7 +180,7 @@ impl FakeGateway {
                     }
                     Some(Out::Drop) | None => break,
                 },
-                message = stream.next() => match message {
+                message = stream.next(), if !silent => match message {
                     Some(Ok(Message::Text(text))) => {
                         let frame = ClientFrame::parse(text.as_str()).expect("a valid client frame");
                         self.handle(id, frame);
@@ -282,6 +319,58 @@ impl FakeGateway {
         for (_, c) in state.conns.drain() {
             let _ = c.out.send(Out::Drop);
         }
+    }
+
+    /// Stores `bodies` in `room` as another user's messages without sending them to anyone (their
+    /// notification was lost): only a join with `since` before them gets them.
+    pub(crate) fn post_unsent(&self, room: &RoomId, bodies: &[&str]) {
+        let mut state = self.state.lock().unwrap();
+        for body in bodies {
+            let log = state.rooms.entry(room.clone()).or_default();
+            let seq = log.len() as u64 + 1;
+            log.push(event(room, seq, &format!("other-{seq}"), "someone", body));
+        }
+    }
+
+    /// Every connection open now goes silent: nothing more is sent to it or read from it, and
+    /// it is not closed. Later connections are served as usual.
+    pub(crate) fn silence_all(&self) {
+        let state = self.state.lock().unwrap();
+        for c in state.conns.values() {
+            let _ = c.out.send(Out::Silence);
+        }
+    }
+
+    /// Whether every frame goes out twice.
+    pub(crate) fn duplicate_frames(&self, on: bool) {
+        self.state.lock().unwrap().duplicate_frames = on;
+    }
+
+    /// Closes every connection with `code`.
+    pub(crate) fn close_all(&self, code: u16) {
+        let mut state = self.state.lock().unwrap();
+        for (_, c) in state.conns.drain() {
+            let _ = c.out.send(Out::Close(code));
+        }
+    }
+
+    /// From now on, handshakes offering `token` are refused with 401.
+    pub(crate) fn refuse_token(&self, token: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .refused_tokens
+            .insert(token.to_owned());
+    }
+
+    /// The token each connection attempt offered, in order (refused ones too).
+    pub(crate) fn tokens(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().tokens.clone()
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn connections(&self) -> u64 {
+        self.state.lock().unwrap().next_conn
     }
 
     pub(crate) fn set_send_policy(&self, policy: SendPolicy) {

@@ -1,64 +1,51 @@
-//! A small Chorus client, used by the `chorus-chat` terminal client, the `--demo` of
-//! `scripts/dev`, the end-to-end tests and the chaos run.
-//!
-//! - [`Client`] is one connection to a gateway (offering the `chorus.v1` subprotocol): send
-//!   frames, read frames. Tests use it to say exactly what goes on the wire.
-//! - [`Session`] follows the README's client contract across connections: a position per room,
-//!   reconnect and re-join with `since`, sends retried with the same id until acked.
-
-pub mod session;
-
-pub use session::{Backoff, Event, Session};
+//! [`Client`]: one WebSocket connection to a gateway, frame by frame, with no memory across
+//! connections. It says exactly what goes on the wire, which is what tests of the gateway want;
+//! an app wants a [`Session`](crate::Session), which is built on it.
 
 use std::time::Duration;
 
 use chorus_protocol::frames::SUBPROTOCOL;
-use chorus_protocol::{ClientFrame, RoomId, Seq, ServerFrame};
+use chorus_protocol::{Body, ClientFrame, ClientMsgId, RoomId, Seq, ServerFrame};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// What the client can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("websocket: {0}")]
-    WebSocket(#[from] tungstenite::Error),
-    #[error("the gateway closed the connection (code {code}: {reason})")]
-    Closed { code: u16, reason: String },
-    #[error("the connection ended")]
-    Ended,
-    #[error("timed out after {0:?} waiting for {1}")]
-    Timeout(Duration, String),
-    #[error("unexpected frame: {0}")]
-    Unexpected(String),
-    #[error("invalid frame from the gateway: {0}")]
-    BadFrame(#[from] serde_json::Error),
-}
+use crate::ClientError;
 
 /// Something received from the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
+    /// A text frame, parsed.
     Frame(ServerFrame),
-    /// The gateway closed the connection with this code.
-    Closed {
-        code: u16,
-        reason: String,
-    },
+    /// The gateway closed the connection with this code (1005 when its close frame had none).
+    Closed { code: u16, reason: String },
 }
 
-/// One connection to a gateway.
+/// One connection to a gateway, offering the `chorus.v1` subprotocol.
 pub struct Client {
-    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub(crate) socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_id: u64,
     id_prefix: String,
+    /// When anything at all (a frame, a ping, a pong) was last read from the socket.
+    pub(crate) last_heard: Instant,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id_prefix", &self.id_prefix)
+            .field("next_id", &self.next_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
-    /// Connects to `url` (e.g. `ws://127.0.0.1:8081/ws?user=john`), offering `chorus.v1`.
+    /// Connects to `url` (e.g. `ws://127.0.0.1:8081/ws?user=john` for a gateway in dev mode).
     ///
     /// # Errors
     /// When the connection or handshake fails (the gateway's HTTP answer is in the error).
@@ -70,8 +57,8 @@ impl Client {
     /// `chorus.v1` (so it stays out of URLs and access logs).
     ///
     /// # Errors
-    /// When the connection or handshake fails (the gateway's HTTP answer, e.g. why the token was
-    /// refused, is in the error).
+    /// When the connection or handshake fails (the gateway's HTTP answer, e.g. a 401 saying why
+    /// the token was refused, is in the error).
     pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Client, ClientError> {
         let mut request = url.into_client_request()?;
         let protocols = match token {
@@ -87,6 +74,7 @@ impl Client {
             socket,
             next_id: 0,
             id_prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            last_heard: Instant::now(),
         })
     }
 
@@ -127,14 +115,12 @@ impl Client {
     /// Sends `body` to `room` with a fresh client message id, which it returns.
     ///
     /// # Errors
-    /// When the body is invalid or the socket fails.
+    /// When the body is invalid ([`ClientError::Invalid`]) or the socket fails.
     pub async fn send(&mut self, room: &RoomId, body: &str) -> Result<String, ClientError> {
         self.next_id += 1;
         let id = format!("{}-{}", self.id_prefix, self.next_id);
-        let body = chorus_protocol::Body::parse(body)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        let id_value = chorus_protocol::ClientMsgId::parse(id.clone())
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let body = Body::parse(body)?;
+        let id_value = ClientMsgId::parse(id.clone())?;
         self.send_frame(&ClientFrame::Send {
             room: room.clone(),
             id: id_value,
@@ -165,7 +151,9 @@ impl Client {
     /// that is not a server frame.
     pub async fn recv(&mut self) -> Result<Received, ClientError> {
         loop {
-            match self.socket.next().await {
+            let next = self.socket.next().await;
+            self.last_heard = Instant::now();
+            match next {
                 None | Some(Err(tungstenite::Error::ConnectionClosed)) => {
                     return Err(ClientError::Ended);
                 }
@@ -179,6 +167,7 @@ impl Client {
                         .unwrap_or((1005, String::new()));
                     return Ok(Received::Closed { code, reason });
                 }
+                // Pings (answered by tungstenite on the next write or flush), pongs, binary.
                 Some(Ok(_)) => continue,
             }
         }
@@ -206,10 +195,10 @@ impl Client {
         what: &str,
         want: impl Fn(&ServerFrame) -> bool,
     ) -> Result<(ServerFrame, Vec<ServerFrame>), ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         let mut before = Vec::new();
         loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             let frame = match self.next_frame(left).await {
                 Err(ClientError::Timeout(..)) => {
                     return Err(ClientError::Timeout(timeout, what.to_owned()));
