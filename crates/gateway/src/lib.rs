@@ -9,21 +9,28 @@
 //! on shutdown, drain: readiness fails and new sockets are refused, the subscription is removed,
 //! every client is closed with [`close::SERVER_RESTARTING`](chorus_protocol::close), and the
 //! process exits within the drain timeout.
+//!
+//! Folders say what they hold:
+//! - `http`: the router: WebSocket upgrade, `/sns`, the chat page, health;
+//! - `session`: one WebSocket connection: its select loop, the frame handlers, and the one
+//!   mapping from a refused request to an error frame;
+//! - `hub`: rooms and their members, joins and replays, fan-out, repair; it never sees a socket;
+//! - [`bus`]: the SNS subscription, verification, the SQS transport, the janitor, and the one way
+//!   bus messages come in;
+//! - [`writer_client`]: the writer's API as the gateway sees it.
+//!
+//! Public, for the integration tests, the benchmark and the fuzz targets outside the crate:
+//! [`auth`] (the token rules are tested from outside), [`bus`] (envelope, verification,
+//! subscriptions and the janitor, through re-exports), [`config`] and [`writer_client`].
 
 pub mod auth;
 pub mod bus;
-pub mod certs;
 pub mod config;
-pub mod connection;
-pub mod hub;
-pub mod log;
-pub mod metrics;
-pub mod ordering;
-pub mod outbox;
-pub mod queue;
-pub mod rate;
-mod routes;
-pub mod verify;
+mod http;
+mod hub;
+mod metrics;
+mod session;
+pub mod writer_client;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,18 +44,22 @@ use tokio_util::task::TaskTracker;
 use chorus_service::http::HttpSettings;
 
 use crate::auth::{AuthConfigError, Authenticator};
-use crate::bus::{
-    ConfirmPolicy, Endpoint, SubscriptionStatus, TopicSubscriptions, subscribe_and_confirm,
+use crate::bus::certs::CertCacheSettings;
+use crate::bus::inbox::Inbox;
+use crate::bus::sqs::{self, GatewayQueue};
+use crate::bus::subscription::{
+    ConfirmPolicy, Endpoint, SubscriptionState, SubscriptionStatus, TopicSubscriptions,
+    subscribe_and_confirm,
 };
+use crate::bus::{BusError, CertSource, Verifier};
 use crate::config::BusKind;
 pub use crate::config::{Config, ConfigError};
-use crate::connection::{ConnectionContext, ConnectionSettings};
+use crate::http::AppState;
 use crate::hub::{Hub, HubSettings};
-use crate::log::MessageLog;
 use crate::metrics::GatewayMetrics;
-use crate::queue::GatewayQueue;
-use crate::rate::Rate;
-use crate::verify::{CertSource, Verifier};
+use crate::session::ConnectionSettings;
+use crate::session::rate::Rate;
+use crate::writer_client::MessageLog;
 
 /// The gateway's external effects, built once at start-up.
 pub struct Deps {
@@ -70,31 +81,9 @@ pub enum GatewayError {
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
     #[error("subscribing to the topic failed: {0}")]
-    Subscribe(#[from] bus::BusError),
+    Subscribe(#[from] BusError),
     #[error("serving failed: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Shared state of the HTTP handlers: one `Clone` struct of `Arc`s.
-#[derive(Clone)]
-pub(crate) struct AppState {
-    pub(crate) config: Arc<Config>,
-    pub(crate) connection: ConnectionContext,
-    pub(crate) subscriptions: Arc<dyn TopicSubscriptions>,
-    /// `None` only with `--insecure-skip-sns-verification`.
-    pub(crate) verifier: Option<Verifier>,
-    pub(crate) metrics: Arc<GatewayMetrics>,
-    pub(crate) ready: Arc<AtomicBool>,
-    /// Why the gateway is not ready, for `/readyz`; refused confirmations are noted in it.
-    pub(crate) subscription: SubscriptionStatus,
-    /// The chat page, rendered once.
-    pub(crate) page: Arc<str>,
-    pub(crate) connections: TaskTracker,
-    pub(crate) auth: Arc<Authenticator>,
-    /// One permit per WebSocket connection (`--max-connections`).
-    pub(crate) slots: Arc<tokio::sync::Semaphore>,
-    /// One permit per `/sns` request being read or verified (`--max-sns-requests`).
-    pub(crate) sns_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves, then drains.
@@ -148,7 +137,7 @@ pub async fn run(
             config.topic_arn.clone(),
             Duration::from_secs(config.sns_max_age_secs),
             deps.certs.clone(),
-            certs::CertCacheSettings::default(),
+            CertCacheSettings::default(),
             Arc::clone(&metrics.certs),
         )?)
     };
@@ -159,7 +148,7 @@ pub async fn run(
             tail_check: Duration::from_millis(config.tail_check_ms),
             tail_check_max: Duration::from_millis(config.tail_check_max_ms),
             replay_stall: Duration::from_millis(config.replay_stall_timeout_ms),
-            replay_page: crate::hub::replay_page(config.send_queue, config.send_queue_bytes),
+            replay_page: hub::replay_page(config.send_queue, config.send_queue_bytes),
             max_join_buffer_bytes: config.send_queue_bytes,
             ..HubSettings::default()
         },
@@ -170,8 +159,16 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let status = SubscriptionStatus::default();
     status.waiting_for("starting the bus endpoint");
+    let inbox = Arc::new(Inbox::new(
+        hub.clone(),
+        Arc::clone(&metrics),
+        config.topic_arn.clone(),
+        verifier,
+        Arc::clone(&deps.subscriptions),
+        status.clone(),
+    ));
     let state = AppState {
-        connection: ConnectionContext {
+        session: session::Context {
             hub: hub.clone(),
             log: deps.log,
             metrics: Arc::clone(&metrics),
@@ -192,19 +189,18 @@ pub async fn run(
             },
             drain: drain.clone(),
         },
-        subscriptions: Arc::clone(&deps.subscriptions),
-        verifier,
+        inbox: Arc::clone(&inbox),
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
-        subscription: status.clone(),
-        page: routes::chat_page(&gateway_id, &config.web_fallback).into(),
+        status: status.clone(),
+        page: http::page::chat_page(&gateway_id, &config.web_fallback).into(),
         connections: connections.clone(),
         auth,
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         sns_slots: Arc::new(tokio::sync::Semaphore::new(config.max_sns_requests)),
-        config: Arc::new(config),
+        sns_body_timeout: Duration::from_millis(config.sns_body_timeout_ms),
     };
-    let config = Arc::clone(&state.config);
+    let config = Arc::new(config);
 
     if let Some(addr) = config.metrics_listen {
         let metrics_listener = TcpListener::bind(addr).await?;
@@ -220,7 +216,7 @@ pub async fn run(
     let stop_server = CancellationToken::new();
     let server = tokio::spawn(chorus_service::http::serve(
         listener,
-        routes::router(state),
+        http::router(state),
         HttpSettings {
             header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
         },
@@ -237,7 +233,7 @@ pub async fn run(
             let name = config
                 .sqs_queue_name
                 .clone()
-                .unwrap_or_else(|| queue::queue_name(&gateway_id));
+                .unwrap_or_else(|| sqs::queue_name(&gateway_id));
             let queue = match GatewayQueue::create(sqs, &name, &config.topic_arn).await {
                 Ok(queue) => queue,
                 Err(e) => {
@@ -293,9 +289,9 @@ pub async fn run(
     };
     let stop_receiving = CancellationToken::new();
     let receiver = queue.clone().map(|queue| {
-        let (hub, metrics, stop) = (hub.clone(), Arc::clone(&metrics), stop_receiving.clone());
+        let (inbox, stop) = (Arc::clone(&inbox), stop_receiving.clone());
         let wait = Duration::from_secs(config.sqs_wait_secs);
-        tokio::spawn(async move { queue.receive(hub, metrics, wait, stop).await })
+        tokio::spawn(async move { queue.receive(&inbox, wait, stop).await })
     });
     ready.store(true, Ordering::Release);
     chorus_service::systemd::ready();
@@ -385,7 +381,7 @@ async fn watch_subscription(
             // The last re-subscription failed: try again.
             None => {}
             Some(arn) => match subscriptions.state(&arn).await {
-                Ok(bus::SubscriptionState::Gone) => {
+                Ok(SubscriptionState::Gone) => {
                     tracing::warn!(subscription = %arn, "the subscription is gone: subscribing again");
                     status.set_arn(None);
                 }

@@ -3,10 +3,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_gateway::Deps;
+use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::{SnsSubscriptions, prune_dead_subscriptions};
 use chorus_gateway::config::{Cli, Command};
-use chorus_gateway::log::WriterClient;
-use chorus_gateway::verify::CertSource;
+use chorus_gateway::writer_client::WriterClient;
 use chorus_service::service_auth::{Grant, ServiceKeys, TokenSource};
 use clap::Parser as _;
 

@@ -5,11 +5,11 @@ use chorus_service::metrics::{Counter, Exposition, Gauge, Histogram};
 use std::sync::Arc;
 
 use crate::auth::Refusal;
-use crate::certs::CertMetrics;
+use crate::bus::certs::CertMetrics;
 
 /// Every counter and gauge of one gateway.
 #[derive(Debug, Default)]
-pub struct GatewayMetrics {
+pub(crate) struct GatewayMetrics {
     pub connections: Gauge,
     pub connections_total: Counter,
     pub frames_received: Counter,
@@ -66,7 +66,7 @@ pub struct GatewayMetrics {
 
 impl GatewayMetrics {
     /// Prometheus text exposition; `rooms` is the number of rooms with local members.
-    pub fn render(&self, rooms: usize) -> String {
+    pub(crate) fn render(&self, rooms: usize) -> String {
         let rooms_gauge = Gauge::default();
         rooms_gauge.set(i64::try_from(rooms).unwrap_or(i64::MAX));
         Exposition::new()
@@ -247,7 +247,7 @@ impl GatewayMetrics {
     }
 
     /// Counts a WebSocket request refused for its credentials.
-    pub fn refused(&self, reason: Refusal) {
+    pub(crate) fn refused(&self, reason: Refusal) {
         match reason {
             Refusal::Missing => &self.refused_missing,
             Refusal::Malformed => &self.refused_malformed,

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::{BusError, Endpoint, SnsEnvelope, SubscriptionState, TopicSubscriptions};
-use chorus_gateway::log::{LogError, MessageLog};
-use chorus_gateway::verify::CertSource;
+use chorus_gateway::writer_client::{LogError, MessageLog};
 use chorus_gateway::{Config, Deps, GatewayError};
 use chorus_protocol::RoomId;
 use chorus_protocol::Seq;

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::ConfirmedAtOnce;
-use chorus_gateway::log::{LogError, MessageLog};
-use chorus_gateway::verify::CertSource;
+use chorus_gateway::writer_client::{LogError, MessageLog};
 use chorus_gateway::{Config, Deps};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{BusPayload, MessageEvent, RoomId, Seq};

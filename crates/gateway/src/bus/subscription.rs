@@ -1,40 +1,12 @@
-//! The gateway's side of the bus: the SNS HTTP endpoint (`POST /sns`) and the subscription
-//! lifecycle (subscribe at start, confirm, unsubscribe on drain).
-//!
-//! SNS posts a JSON envelope with `Content-Type: text/plain`; the body is read as bytes and
-//! parsed here, and checked by [`crate::verify`] before anything in it is used.
+//! The subscription lifecycle: subscribe at start and wait for SNS to confirm, make it again
+//! when it disappears, remove it on drain; and where it stands, in words, for `/readyz`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_sns::Client;
-use aws_sdk_sns::error::DisplayErrorContext;
-use serde::Deserialize;
 
-/// An SNS HTTP(S) delivery: Notification, SubscriptionConfirmation or UnsubscribeConfirmation.
-/// Fields kept as the exact strings SNS sent (they are what a signature covers).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct SnsEnvelope {
-    #[serde(rename = "Type")]
-    pub kind: String,
-    pub message_id: String,
-    pub topic_arn: String,
-    pub message: String,
-    pub timestamp: String,
-    #[serde(default)]
-    pub subject: Option<String>,
-    #[serde(default)]
-    pub token: Option<String>,
-    #[serde(default, rename = "SubscribeURL")]
-    pub subscribe_url: Option<String>,
-    #[serde(default)]
-    pub signature_version: Option<String>,
-    #[serde(default)]
-    pub signature: Option<String>,
-    #[serde(default, rename = "SigningCertURL")]
-    pub signing_cert_url: Option<String>,
-}
+use super::{BusError, aws_error};
 
 /// Where SNS delivers to this gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,11 +36,6 @@ pub enum SubscriptionState {
     /// It no longer exists (removed by someone, or by SNS after failed deliveries).
     Gone,
 }
-
-/// Why a subscription call failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BusError(pub String);
 
 /// The subscription calls the gateway makes on the topic. Behind a trait for tests.
 #[async_trait::async_trait]
@@ -124,10 +91,6 @@ impl SnsSubscriptions {
     }
 }
 
-fn sns_error<E: std::error::Error + 'static>(what: &str) -> impl FnOnce(E) -> BusError + '_ {
-    move |e| BusError(format!("{what}: {}", DisplayErrorContext(&e)))
-}
-
 #[async_trait::async_trait]
 impl TopicSubscriptions for SnsSubscriptions {
     async fn subscribe(&self, endpoint: &Endpoint) -> Result<String, BusError> {
@@ -148,7 +111,7 @@ impl TopicSubscriptions for SnsSubscriptions {
                 .endpoint(arn)
                 .attributes("RawMessageDelivery", "true"),
         };
-        let out = request.send().await.map_err(sns_error("Subscribe"))?;
+        let out = request.send().await.map_err(aws_error("Subscribe"))?;
         out.subscription_arn
             .ok_or_else(|| BusError("Subscribe returned no subscription ARN".into()))
     }
@@ -168,7 +131,7 @@ impl TopicSubscriptions for SnsSubscriptions {
             {
                 return Ok(SubscriptionState::Gone);
             }
-            Err(e) => return Err(sns_error("GetSubscriptionAttributes")(e)),
+            Err(e) => return Err(aws_error("GetSubscriptionAttributes")(e)),
         };
         let pending = out
             .attributes
@@ -190,7 +153,7 @@ impl TopicSubscriptions for SnsSubscriptions {
             .authenticate_on_unsubscribe("true")
             .send()
             .await
-            .map_err(sns_error("ConfirmSubscription"))?;
+            .map_err(aws_error("ConfirmSubscription"))?;
         Ok(())
     }
 
@@ -200,14 +163,14 @@ impl TopicSubscriptions for SnsSubscriptions {
             .subscription_arn(subscription_arn)
             .send()
             .await
-            .map_err(sns_error("Unsubscribe"))?;
+            .map_err(aws_error("Unsubscribe"))?;
         Ok(())
     }
 }
 
 /// How long the gateway waits for SNS to confirm a subscription, and how often it tries.
 #[derive(Debug, Clone, Copy)]
-pub struct ConfirmPolicy {
+pub(crate) struct ConfirmPolicy {
     /// How long one subscription may stay pending before it is removed and made again.
     pub timeout: Duration,
     /// Subscriptions made before giving up (at least 1).
@@ -218,7 +181,7 @@ pub struct ConfirmPolicy {
 /// subscription drain must remove. Written by the subscription lifecycle and the `/sns` route,
 /// read by `/readyz`. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct SubscriptionStatus {
+pub(crate) struct SubscriptionStatus {
     /// A std `Mutex`: held only to read or replace a few strings, never across `.await`.
     inner: Arc<Mutex<StatusInner>>,
 }
@@ -243,7 +206,7 @@ impl SubscriptionStatus {
     }
 
     /// The subscription made last, pending or confirmed.
-    pub fn arn(&self) -> Option<String> {
+    pub(crate) fn arn(&self) -> Option<String> {
         self.lock().arn.clone()
     }
 
@@ -252,13 +215,13 @@ impl SubscriptionStatus {
     }
 
     /// Says what the gateway waits for (shown by `/readyz` while not ready).
-    pub fn waiting_for(&self, what: impl Into<String>) {
+    pub(crate) fn waiting_for(&self, what: impl Into<String>) {
         self.lock().waiting_for = what.into();
     }
 
     /// Records that a SubscriptionConfirmation was refused, and why: the subscription stays
     /// pending, and `/readyz` and the final error say so.
-    pub fn confirmation_refused(&self, why: impl std::fmt::Display) {
+    pub(crate) fn confirmation_refused(&self, why: impl std::fmt::Display) {
         self.lock().refused_confirmation = Some(why.to_string());
     }
 
@@ -269,7 +232,7 @@ impl SubscriptionStatus {
     }
 
     /// Why the gateway is not ready, in a sentence.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let inner = self.lock();
         let mut out = if inner.waiting_for.is_empty() {
             "starting".to_owned()
@@ -293,7 +256,7 @@ impl SubscriptionStatus {
 ///
 /// # Errors
 /// When a call to SNS fails, or no subscription is confirmed in `policy.attempts` tries.
-pub async fn subscribe_and_confirm(
+pub(crate) async fn subscribe_and_confirm(
     subscriptions: &dyn TopicSubscriptions,
     endpoint: &Endpoint,
     policy: ConfirmPolicy,
@@ -356,70 +319,4 @@ pub async fn subscribe_and_confirm(
          --sns-cert-mirror)",
         policy.timeout
     )))
-}
-
-/// Removes the topic's HTTP(S) subscriptions whose gateway no longer answers at all (connection
-/// refused or timed out on `GET <endpoint base>/healthz`, twice): the subscriptions of gateways
-/// that crashed without draining. Any HTTP answer, even 503 while draining, counts as alive.
-///
-/// This is the janitor's job (a timer, or the terminating instance's lifecycle hook): on AWS a
-/// dead endpoint only fails its own deliveries until SNS gives up on them, but some emulators fail
-/// every publish while one subscriber is dead. Returns the removed subscription ARNs.
-///
-/// # Errors
-/// When the subscriptions cannot be listed; a failed unsubscribe is logged and skipped.
-pub async fn prune_dead_subscriptions(
-    client: &Client,
-    topic_arn: &str,
-) -> Result<Vec<String>, BusError> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| BusError(format!("building the HTTP client: {e}")))?;
-    let mut removed = Vec::new();
-    let mut next_token: Option<String> = None;
-    loop {
-        let page = client
-            .list_subscriptions_by_topic()
-            .topic_arn(topic_arn)
-            .set_next_token(next_token.take())
-            .send()
-            .await
-            .map_err(sns_error("ListSubscriptionsByTopic"))?;
-        for sub in page.subscriptions.unwrap_or_default() {
-            let (Some(arn), Some(endpoint), Some(protocol)) =
-                (sub.subscription_arn, sub.endpoint, sub.protocol)
-            else {
-                continue;
-            };
-            if !(protocol == "http" || protocol == "https") || !arn.starts_with("arn:") {
-                continue;
-            }
-            let health = format!("{}/healthz", endpoint.trim_end_matches("/sns"));
-            let mut alive = false;
-            for _ in 0..2 {
-                if http.get(&health).send().await.is_ok() {
-                    alive = true;
-                    break;
-                }
-            }
-            if alive {
-                continue;
-            }
-            match client.unsubscribe().subscription_arn(&arn).send().await {
-                Ok(_) => {
-                    tracing::info!(%endpoint, subscription = %arn, "removed the subscription of a dead gateway");
-                    removed.push(arn);
-                }
-                Err(e) => {
-                    tracing::warn!(%endpoint, error.message = %DisplayErrorContext(&e), "unsubscribing a dead gateway failed")
-                }
-            }
-        }
-        next_token = page.next_token;
-        if next_token.is_none() {
-            return Ok(removed);
-        }
-    }
 }

@@ -40,8 +40,8 @@ use rsa::signature::Verifier as _;
 use x509_cert::Certificate;
 use x509_cert::der::{DecodePem as _, Encode as _};
 
-use crate::bus::SnsEnvelope;
-use crate::certs::{CertCacheSettings, CertMetrics, KeyCache};
+use super::certs::{CertCacheSettings, CertMetrics, KeyCache};
+use super::envelope::SnsEnvelope;
 
 /// Largest certificate accepted, in bytes.
 const MAX_CERT_BYTES: usize = 16 * 1024;
@@ -349,7 +349,7 @@ pub fn check_cert_url(raw: &str) -> Result<(), VerifyError> {
 ///
 /// # Errors
 /// [`VerifyError::CertUrl`] saying which part is wrong.
-pub fn check_mirrored_cert_url(raw: &str) -> Result<String, VerifyError> {
+pub(crate) fn check_mirrored_cert_url(raw: &str) -> Result<String, VerifyError> {
     let refuse = |why: &str| Err(VerifyError::CertUrl(why.to_owned()));
     let url = url::Url::parse(raw).map_err(|e| VerifyError::CertUrl(format!("not a URL: {e}")))?;
     if !(url.scheme() == "https" || url.scheme() == "http") {
