@@ -14,12 +14,11 @@ use std::time::Duration;
 use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::{BusError, Endpoint, SnsEnvelope, SubscriptionState, TopicSubscriptions};
 use chorus_gateway::writer_client::{LogError, MessageLog};
-use chorus_gateway::{Config, Deps, GatewayError};
+use chorus_gateway::{App, Config, Deps, GatewayError};
 use chorus_protocol::RoomId;
 use chorus_protocol::Seq;
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use common::sns::{CERT_PATH, cert_server, forger_key_and_cert, generated_key_and_cert, sign_with};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 /// How long the test waits while nothing at all happens on the fake SNS before it gives up.
@@ -225,6 +224,7 @@ async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
         format!("http://localhost.localstack.cloud:4566{CERT_PATH}"),
     );
     let mut config = Config::new(topic, "http://127.0.0.1:9");
+    config.listen = "127.0.0.1:0".parse().unwrap();
     config.insecure_dev_users = true;
     config.sns_cert_mirror = Some(mirror.clone());
     config.subscribe_timeout_ms = timeout_ms;
@@ -238,10 +238,10 @@ async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
         },
         sqs: None,
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let app = App::build(config, deps).await.expect("the gateway builds");
+    let addr = app.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(chorus_gateway::run(listener, config, deps, async {
+    let run = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     Started {

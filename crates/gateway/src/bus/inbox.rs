@@ -8,7 +8,7 @@ use chorus_protocol::BusPayload;
 use chorus_protocol::bus::BusPayloadError;
 
 use super::envelope::SnsEnvelope;
-use super::subscription::{SubscriptionStatus, TopicSubscriptions};
+use super::subscription::{Readiness, TopicSubscriptions};
 use super::verify::{Verifier, VerifyError};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
@@ -70,7 +70,7 @@ pub(crate) struct Inbox {
     verifier: Option<Verifier>,
     subscriptions: Arc<dyn TopicSubscriptions>,
     /// Where refused SubscriptionConfirmations are noted, for `/readyz`.
-    status: SubscriptionStatus,
+    readiness: Readiness,
 }
 
 impl Inbox {
@@ -80,7 +80,7 @@ impl Inbox {
         topic_arn: String,
         verifier: Option<Verifier>,
         subscriptions: Arc<dyn TopicSubscriptions>,
-        status: SubscriptionStatus,
+        readiness: Readiness,
     ) -> Self {
         Inbox {
             hub,
@@ -88,7 +88,7 @@ impl Inbox {
             topic_arn,
             verifier,
             subscriptions,
-            status,
+            readiness,
         }
     }
 
@@ -119,7 +119,7 @@ impl Inbox {
             }
             let confirmation = envelope.kind == "SubscriptionConfirmation";
             if confirmation {
-                self.status.confirmation_refused(&error);
+                self.readiness.confirmation_refused(&error);
             }
             return Err(Rejection::NotGenuine {
                 message_id,

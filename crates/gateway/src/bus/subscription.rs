@@ -7,6 +7,7 @@ use std::time::Duration;
 use aws_sdk_sns::Client;
 
 use super::{BusError, aws_error};
+use crate::hub::Hub;
 
 /// Where SNS delivers to this gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,20 +178,19 @@ pub(crate) struct ConfirmPolicy {
     pub attempts: u32,
 }
 
-/// Where the gateway's subscription stands, in words for `/readyz` and the log, and which
-/// subscription drain must remove. Written by the subscription lifecycle and the `/sns` route,
-/// read by `/readyz`. Cheap to clone.
+/// Whether the gateway is ready (subscribed and not draining), and if not, why, in words for
+/// `/readyz` and the log. Written by the subscription's owner, the `/sns` route (refused
+/// confirmations) and the drain; read by `/readyz` and the WebSocket upgrade. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct SubscriptionStatus {
-    /// A std `Mutex`: held only to read or replace a few strings, never across `.await`.
-    inner: Arc<Mutex<StatusInner>>,
+pub(crate) struct Readiness {
+    /// A std `Mutex`: held only to read or replace a flag and a few strings, never across
+    /// `.await`.
+    inner: Arc<Mutex<ReadinessInner>>,
 }
 
 #[derive(Debug, Default)]
-struct StatusInner {
-    /// The subscription made last, pending or confirmed; `None` before the first and after it
-    /// was removed.
-    arn: Option<String>,
+struct ReadinessInner {
+    ready: bool,
     /// What the gateway waits for while it is not ready.
     waiting_for: String,
     /// Why the last SubscriptionConfirmation posted to this gateway was refused, until a
@@ -198,31 +198,36 @@ struct StatusInner {
     refused_confirmation: Option<String>,
 }
 
-impl SubscriptionStatus {
-    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
-        self.inner
-            .lock()
-            .expect("subscription status lock poisoned")
+impl Readiness {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadinessInner> {
+        self.inner.lock().expect("readiness lock poisoned")
     }
 
-    /// The subscription made last, pending or confirmed.
-    pub(crate) fn arn(&self) -> Option<String> {
-        self.lock().arn.clone()
+    /// Whether load balancers may route clients here.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.lock().ready
     }
 
-    pub(crate) fn set_arn(&self, arn: Option<String>) {
-        self.lock().arn = arn;
+    /// Ready: subscribed, with the bus flowing in.
+    pub(crate) fn ready(&self) {
+        self.lock().ready = true;
     }
 
-    /// Says what the gateway waits for (shown by `/readyz` while not ready).
+    /// Not ready, waiting for `what` (shown by `/readyz`).
     pub(crate) fn waiting_for(&self, what: impl Into<String>) {
-        self.lock().waiting_for = what.into();
+        let mut inner = self.lock();
+        inner.ready = false;
+        inner.waiting_for = what.into();
     }
 
     /// Records that a SubscriptionConfirmation was refused, and why: the subscription stays
     /// pending, and `/readyz` and the final error say so.
     pub(crate) fn confirmation_refused(&self, why: impl std::fmt::Display) {
         self.lock().refused_confirmation = Some(why.to_string());
+    }
+
+    fn refused_confirmation(&self) -> Option<String> {
+        self.lock().refused_confirmation.clone()
     }
 
     fn confirmed(&self) {
@@ -247,76 +252,153 @@ impl SubscriptionStatus {
     }
 }
 
-/// Subscribes and waits until SNS confirms (our `/sns` handler confirms when asked). A
-/// subscription still pending after `policy.timeout` (its confirmation never came, or was
-/// refused) is removed and made again, which has SNS send a new confirmation; after
-/// `policy.attempts` subscriptions, gives up. `status` tells `/readyz` where it stands all along.
+/// This gateway's subscription to the topic, owned by whoever runs the gateway: made and
+/// confirmed ([`Self::confirm`]), watched ([`Self::watch`]) and removed ([`Self::remove`]).
 ///
-/// Cancel-safe: the subscription made last is always in `status`, for drain to remove.
-///
-/// # Errors
-/// When a call to SNS fails, or no subscription is confirmed in `policy.attempts` tries.
-pub(crate) async fn subscribe_and_confirm(
-    subscriptions: &dyn TopicSubscriptions,
-    endpoint: &Endpoint,
+/// Every method is cancel-safe: the subscription made last is recorded as soon as it exists, so
+/// a future dropped at any await (a shutdown during start-up, the watcher stopped by the drain)
+/// leaves [`Self::remove`] something to remove.
+pub(crate) struct Subscription {
+    subscriptions: Arc<dyn TopicSubscriptions>,
+    endpoint: Endpoint,
     policy: ConfirmPolicy,
-    status: &SubscriptionStatus,
-) -> Result<String, BusError> {
-    let attempts = policy.attempts.max(1);
-    for attempt in 1..=attempts {
-        status.waiting_for(format!(
-            "subscribing {endpoint} to the topic (attempt {attempt} of {attempts})"
-        ));
-        let arn = subscriptions.subscribe(endpoint).await?;
-        status.set_arn(Some(arn.clone()));
-        tracing::info!(%endpoint, subscription = %arn, attempt, attempts, "subscribed: waiting for SNS to confirm");
-        let started = tokio::time::Instant::now();
-        loop {
-            match subscriptions.state(&arn).await? {
-                SubscriptionState::Confirmed => {
-                    status.confirmed();
-                    return Ok(arn);
-                }
-                SubscriptionState::Gone => break,
-                SubscriptionState::Pending => {}
-            }
-            let waited = started.elapsed();
-            status.waiting_for(format!(
-                "subscription {arn} pending confirmation for {:.1} s of {:.1} s (attempt \
-                 {attempt} of {attempts}): no SubscriptionConfirmation from SNS has been accepted \
-                 yet",
-                waited.as_secs_f32(),
-                policy.timeout.as_secs_f32()
-            ));
-            if waited >= policy.timeout {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    readiness: Readiness,
+    /// The subscription made last, pending or confirmed; `None` before the first and after it
+    /// was removed.
+    arn: Option<String>,
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        subscriptions: Arc<dyn TopicSubscriptions>,
+        endpoint: Endpoint,
+        policy: ConfirmPolicy,
+        readiness: Readiness,
+    ) -> Self {
+        Subscription {
+            subscriptions,
+            endpoint,
+            policy,
+            readiness,
+            arn: None,
         }
-        tracing::warn!(
-            %endpoint, subscription = %arn, attempt, attempts,
-            waited_ms = started.elapsed().as_millis() as u64,
-            refused = status.lock().refused_confirmation.as_deref().unwrap_or("none"),
-            "the subscription is still not confirmed: removing it{}",
-            if attempt < attempts { " and subscribing again" } else { "" }
-        );
-        // A pending subscription may not be removable (SNS expires those itself); subscribing
-        // again still has SNS send a new confirmation.
-        if let Err(e) = subscriptions.unsubscribe(&arn).await {
-            tracing::debug!(subscription = %arn, error.message = %e, "removing the pending subscription failed");
-        }
-        status.set_arn(None);
     }
-    let refused = status
-        .lock()
-        .refused_confirmation
-        .as_ref()
-        .map(|why| format!(" (the last SubscriptionConfirmation was refused: {why})"))
-        .unwrap_or_default();
-    Err(BusError(format!(
-        "the subscription of {endpoint} was not confirmed in {attempts} attempts of {:?}{refused}: \
-         check that SNS reaches the endpoint and that its messages verify (with an emulator: \
-         --sns-cert-mirror)",
-        policy.timeout
-    )))
+
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Subscribes and waits until SNS confirms (the `/sns` route confirms when asked). A
+    /// subscription still pending after the policy's timeout (its confirmation never came, or
+    /// was refused) is removed and made again, which has SNS send a new confirmation; after the
+    /// policy's attempts, gives up. [`Readiness`] says where it stands all along. Returns the
+    /// confirmed subscription's ARN.
+    ///
+    /// # Errors
+    /// When a call to SNS fails, or no subscription is confirmed in the policy's attempts.
+    pub(crate) async fn confirm(&mut self) -> Result<String, BusError> {
+        let (endpoint, policy, status) = (&self.endpoint, self.policy, &self.readiness);
+        let attempts = policy.attempts.max(1);
+        for attempt in 1..=attempts {
+            status.waiting_for(format!(
+                "subscribing {endpoint} to the topic (attempt {attempt} of {attempts})"
+            ));
+            let arn = self.subscriptions.subscribe(endpoint).await?;
+            self.arn = Some(arn.clone());
+            tracing::info!(%endpoint, subscription = %arn, attempt, attempts, "subscribed: waiting for SNS to confirm");
+            let started = tokio::time::Instant::now();
+            loop {
+                match self.subscriptions.state(&arn).await? {
+                    SubscriptionState::Confirmed => {
+                        status.confirmed();
+                        return Ok(arn);
+                    }
+                    SubscriptionState::Gone => break,
+                    SubscriptionState::Pending => {}
+                }
+                let waited = started.elapsed();
+                status.waiting_for(format!(
+                    "subscription {arn} pending confirmation for {:.1} s of {:.1} s (attempt \
+                     {attempt} of {attempts}): no SubscriptionConfirmation from SNS has been \
+                     accepted yet",
+                    waited.as_secs_f32(),
+                    policy.timeout.as_secs_f32()
+                ));
+                if waited >= policy.timeout {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::warn!(
+                %endpoint, subscription = %arn, attempt, attempts,
+                waited_ms = started.elapsed().as_millis() as u64,
+                refused = status.refused_confirmation().as_deref().unwrap_or("none"),
+                "the subscription is still not confirmed: removing it{}",
+                if attempt < attempts { " and subscribing again" } else { "" }
+            );
+            // A pending subscription may not be removable (SNS expires those itself);
+            // subscribing again still has SNS send a new confirmation.
+            if let Err(e) = self.subscriptions.unsubscribe(&arn).await {
+                tracing::debug!(subscription = %arn, error.message = %e, "removing the pending subscription failed");
+            }
+            self.arn = None;
+        }
+        let refused = status
+            .refused_confirmation()
+            .map(|why| format!(" (the last SubscriptionConfirmation was refused: {why})"))
+            .unwrap_or_default();
+        Err(BusError(format!(
+            "the subscription of {endpoint} was not confirmed in {attempts} attempts of {:?}\
+             {refused}: check that SNS reaches the endpoint and that its messages verify (with \
+             an emulator: --sns-cert-mirror)",
+            policy.timeout
+        )))
+    }
+
+    /// Checks every `interval` that the subscription still exists; if it is gone (someone
+    /// removed it, or SNS gave up on the endpoint), subscribes again, and since the bus may have
+    /// lost messages meanwhile, has every room check its tail. Not ready while re-subscribing; a
+    /// re-subscription that fails is tried again at the next check. Runs until dropped.
+    pub(crate) async fn watch(&mut self, interval: Duration, hub: &Hub) {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Some(arn) = &self.arn {
+                match self.subscriptions.state(arn).await {
+                    Ok(SubscriptionState::Gone) => {
+                        tracing::warn!(subscription = %arn, "the subscription is gone: subscribing again");
+                        self.arn = None;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "checking the subscription failed");
+                        continue;
+                    }
+                }
+            }
+            // Gone, or the last re-subscription failed: subscribe again.
+            self.readiness
+                .waiting_for("the subscription is gone: subscribing again");
+            match self.confirm().await {
+                Ok(arn) => {
+                    tracing::info!(subscription = %arn, "subscribed again");
+                    self.readiness.ready();
+                    hub.repair_all();
+                }
+                Err(e) => {
+                    tracing::error!(error.message = %e, "subscribing again failed: trying again at the next check")
+                }
+            }
+        }
+    }
+
+    /// Removes the subscription, if there is one: SNS stops delivering here. A failure is logged
+    /// (SNS drops an endpoint after failed deliveries).
+    pub(crate) async fn remove(&mut self) {
+        let Some(arn) = self.arn.take() else {
+            return;
+        };
+        if let Err(e) = self.subscriptions.unsubscribe(&arn).await {
+            tracing::warn!(subscription = %arn, error.message = %e, "unsubscribing failed: SNS will drop the endpoint after failed deliveries");
+        }
+    }
 }

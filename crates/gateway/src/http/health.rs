@@ -1,8 +1,6 @@
 //! `/healthz` (the process serves), `/readyz` (subscribed and not draining: load balancers route
 //! on it) and `/metrics` (Prometheus text).
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,12 +12,12 @@ pub(super) async fn healthz() -> &'static str {
 }
 
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
+    if state.readiness.is_ready() {
         plain(StatusCode::OK, "ready")
     } else {
         plain(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}", state.status.describe()),
+            format!("not ready: {}", state.readiness.describe()),
         )
     }
 }

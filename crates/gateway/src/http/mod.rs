@@ -7,7 +7,6 @@ mod sns;
 mod ws;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::bus::inbox::Inbox;
-use crate::bus::subscription::SubscriptionStatus;
+use crate::bus::subscription::Readiness;
 use crate::metrics::GatewayMetrics;
 use crate::session;
 
@@ -31,9 +30,8 @@ pub(crate) struct AppState {
     pub(crate) session: session::Context,
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) metrics: Arc<GatewayMetrics>,
-    pub(crate) ready: Arc<AtomicBool>,
-    /// Why the gateway is not ready, for `/readyz`.
-    pub(crate) status: SubscriptionStatus,
+    /// Whether the gateway is ready, and why not, for `/readyz` and the upgrade.
+    pub(crate) readiness: Readiness,
     /// The chat page, rendered once.
     pub(crate) page: Arc<str>,
     pub(crate) connections: TaskTracker,

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -29,7 +28,7 @@ pub(super) async fn websocket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if !state.ready.load(Ordering::Acquire) {
+    if !state.readiness.is_ready() {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "gateway not ready (starting or draining): connect to another gateway",

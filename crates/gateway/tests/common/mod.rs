@@ -16,10 +16,9 @@ use std::time::Duration;
 use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::ConfirmedAtOnce;
 use chorus_gateway::writer_client::{LogError, MessageLog};
-use chorus_gateway::{Config, Deps};
+use chorus_gateway::{App, Config, Deps};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{BusPayload, MessageEvent, RoomId, Seq};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -228,13 +227,11 @@ impl Gateway {
         signed: bool,
     ) -> Gateway {
         let mut config = Config::new(TOPIC, "http://127.0.0.1:9");
+        config.listen = "127.0.0.1:0".parse().unwrap();
         config.insecure_skip_sns_verification = true;
         config.insecure_dev_users = true;
         configure(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let log = Arc::new(MemoryLog::default());
-        log.sns_url.set(format!("http://{addr}/sns")).unwrap();
         log.signed
             .store(signed, std::sync::atomic::Ordering::Relaxed);
         let deps = Deps {
@@ -248,9 +245,12 @@ impl Gateway {
             },
             sqs: None,
         };
+        let app = App::build(config, deps).await.expect("the gateway builds");
+        let addr = app.local_addr().unwrap();
+        log.sns_url.set(format!("http://{addr}/sns")).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            chorus_gateway::run(listener, config, deps, async {
+            app.run_until(async {
                 let _ = stopped.await;
             })
             .await
