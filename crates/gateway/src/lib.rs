@@ -24,16 +24,17 @@
 //!
 //! Public, for the integration tests, the benchmark and the fuzz targets outside the crate:
 //! [`auth`] (the token rules are tested from outside), [`bus`] (envelope, verification,
-//! subscriptions and the janitor, through re-exports), [`config`] and [`writer_client`].
+//! subscriptions and the janitor, through re-exports), [`cli`], [`settings`] and [`writer_client`].
 
 pub mod auth;
 pub mod bus;
-pub mod config;
+pub mod cli;
 mod http;
 mod hub;
 mod metrics;
 pub mod service;
 mod session;
+pub mod settings;
 pub mod writer_client;
 
 use std::future::Future;
@@ -54,13 +55,13 @@ use crate::bus::inbox::Inbox;
 use crate::bus::sqs::{self, GatewayQueue};
 use crate::bus::subscription::{ConfirmPolicy, Endpoint, Readiness, Subscription};
 use crate::bus::{BusError, CertSource, TopicSubscriptions, Verifier};
-use crate::config::BusKind;
-pub use crate::config::{Config, ConfigError};
+pub use crate::cli::{Cli, SettingsError};
 use crate::http::AppState;
 use crate::hub::{Hub, HubSettings};
 use crate::metrics::GatewayMetrics;
 use crate::session::ConnectionSettings;
-use crate::session::rate::Rate;
+pub use crate::settings::Settings;
+use crate::settings::Transport;
 use crate::writer_client::MessageLog;
 
 /// The gateway's external effects, built once at start-up.
@@ -76,8 +77,6 @@ pub struct Deps {
 /// Why the gateway could not start, or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error(
         "the gateway needs --writer-key-file (CHORUS_WRITER_KEY_FILE): the service key it signs \
          its calls to the writers with"
@@ -89,6 +88,8 @@ pub enum GatewayError {
     Verifier(#[source] reqwest::Error),
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    #[error("--bus sqs needs an SQS client")]
+    NoSqsClient,
     #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,
@@ -141,7 +142,7 @@ impl Drain {
 pub struct App {
     listener: TcpListener,
     gateway_id: String,
-    config: Config,
+    settings: Settings,
     state: AppState,
     hub: Hub,
     inbox: Arc<Inbox>,
@@ -155,53 +156,52 @@ pub struct App {
 }
 
 impl App {
-    /// Binds `config.listen` and builds the gateway: the authenticator (reading its key
+    /// Binds `settings.listen` and builds the gateway: the authenticator (reading its key
     /// files), the SNS verifier, the hub, the HTTP state. Warns loudly about every insecure
     /// setting.
     ///
     /// # Errors
-    /// [`GatewayError`] for bad configuration, unreadable keys or an address that cannot be bound.
-    pub async fn build(config: Config, deps: Deps) -> Result<App, GatewayError> {
-        config.validate()?;
-        let auth = Arc::new(Authenticator::new(&config.auth())?);
+    /// [`GatewayError`] for unreadable client keys or an address that cannot be bound.
+    pub async fn build(settings: Settings, deps: Deps) -> Result<App, GatewayError> {
+        let auth = Arc::new(Authenticator::new(&settings.auth)?);
         let listener =
-            TcpListener::bind(config.listen)
+            TcpListener::bind(settings.listen)
                 .await
                 .map_err(|source| GatewayError::Bind {
-                    addr: config.listen,
+                    addr: settings.listen,
                     source,
                 })?;
         let bound = listener.local_addr()?;
-        let gateway_id = config
+        let gateway_id = settings
             .gateway_id
             .clone()
             .unwrap_or_else(|| bound.to_string());
-        warn_insecure(&config, &gateway_id);
+        warn_insecure(&settings, &gateway_id);
 
         let metrics = Arc::new(GatewayMetrics::default());
-        let verifier = if config.insecure_skip_sns_verification {
-            None
-        } else {
-            Some(
+        let verifier = match &settings.bus.verify {
+            None => None,
+            Some(verify) => Some(
                 Verifier::with_cache(
-                    config.topic_arn.clone(),
-                    Duration::from_secs(config.sns_max_age_secs),
+                    settings.bus.topic_arn.clone(),
+                    verify.max_age,
                     deps.certs.clone(),
                     CertCacheSettings::default(),
                     Arc::clone(&metrics.certs),
                 )
                 .map_err(GatewayError::Verifier)?,
-            )
+            ),
         };
+        let clients = &settings.clients;
         let hub = Hub::new(
             Arc::clone(&deps.log),
             HubSettings {
-                gap_timeout: Duration::from_millis(config.gap_timeout_ms),
-                tail_check: Duration::from_millis(config.tail_check_ms),
-                tail_check_max: Duration::from_millis(config.tail_check_max_ms),
-                replay_stall: Duration::from_millis(config.replay_stall_timeout_ms),
-                replay_page: hub::replay_page(config.send_queue, config.send_queue_bytes),
-                max_join_buffer_bytes: config.send_queue_bytes,
+                gap_timeout: settings.rooms.gap_timeout,
+                tail_check: settings.rooms.tail_check,
+                tail_check_max: settings.rooms.tail_check_max,
+                replay_stall: settings.rooms.replay_stall,
+                replay_page: hub::replay_page(clients.send_queue, clients.send_queue_bytes),
+                max_join_buffer_bytes: clients.send_queue_bytes,
                 ..HubSettings::default()
             },
             Arc::clone(&metrics),
@@ -213,7 +213,7 @@ impl App {
         let inbox = Arc::new(Inbox::new(
             hub.clone(),
             Arc::clone(&metrics),
-            config.topic_arn.clone(),
+            settings.bus.topic_arn.clone(),
             verifier,
             Arc::clone(&deps.subscriptions),
             readiness.clone(),
@@ -224,36 +224,30 @@ impl App {
                 log: deps.log,
                 metrics: Arc::clone(&metrics),
                 settings: ConnectionSettings {
-                    queue_len: config.send_queue,
-                    queue_bytes: config.send_queue_bytes,
-                    max_rooms: config.max_rooms_per_connection,
-                    sends: Rate {
-                        per_sec: config.sends_per_sec,
-                        burst: config.send_burst,
-                    },
-                    joins: Rate {
-                        per_sec: config.joins_per_sec,
-                        burst: config.join_burst,
-                    },
-                    ping_interval: Duration::from_millis(config.ping_interval_ms),
-                    idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+                    queue_len: clients.send_queue,
+                    queue_bytes: clients.send_queue_bytes,
+                    max_rooms: clients.max_rooms,
+                    sends: clients.sends,
+                    joins: clients.joins,
+                    ping_interval: clients.ping_interval,
+                    idle_timeout: clients.idle_timeout,
                 },
                 drain: drain.clients.clone(),
             },
             inbox: Arc::clone(&inbox),
             metrics: Arc::clone(&metrics),
             readiness: readiness.clone(),
-            page: http::page::chat_page(&gateway_id, &config.web_fallback).into(),
+            page: http::page::chat_page(&gateway_id, &settings.web_fallbacks).into(),
             connections: connections.clone(),
             auth,
-            slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
-            sns_slots: Arc::new(tokio::sync::Semaphore::new(config.max_sns_requests)),
-            sns_body_timeout: Duration::from_millis(config.sns_body_timeout_ms),
+            slots: Arc::new(tokio::sync::Semaphore::new(clients.max_connections)),
+            sns_slots: Arc::new(tokio::sync::Semaphore::new(settings.bus.max_sns_requests)),
+            sns_body_timeout: settings.bus.sns_body_timeout,
         };
         Ok(App {
             listener,
             gateway_id,
-            config,
+            settings,
             state,
             hub,
             inbox,
@@ -299,7 +293,7 @@ impl App {
         let App {
             listener,
             gateway_id,
-            config,
+            settings,
             state,
             hub,
             inbox,
@@ -312,14 +306,14 @@ impl App {
             phase,
         } = self;
         let bound = listener.local_addr()?;
-        let grace = config.drain_timeout();
+        let grace = settings.drain_timeout;
 
         // Serve first: SNS may post a SubscriptionConfirmation while we subscribe.
         let server = tokio::spawn(chorus_service::http::serve(
             listener,
             http::router(state),
             HttpSettings {
-                header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+                header_read_timeout: settings.header_read_timeout,
             },
             drain.server.clone().cancelled_owned(),
         ));
@@ -330,7 +324,7 @@ impl App {
             let _ = server.await;
         };
         let mut link = match BusLink::open(
-            &config,
+            &settings,
             &gateway_id,
             bound,
             sqs,
@@ -370,14 +364,13 @@ impl App {
                 };
             }
         };
-        link.start_receiving(&inbox, &drain, Duration::from_secs(config.sqs_wait_secs));
+        link.start_receiving(&inbox, &drain);
         readiness.ready();
         phase.send_replace(Phase::Ready);
         tracing::info!(gateway = %gateway_id, endpoint = %link.subscription.endpoint(), %subscription, "gateway ready: subscribed to the topic");
 
-        let check = Duration::from_millis(config.subscription_check_ms);
         tokio::select! {
-            () = link.subscription.watch(check, &hub) => {}
+            () = link.subscription.watch(settings.bus.subscription_check, &hub) => {}
             () = &mut shutdown => {}
         }
 
@@ -407,26 +400,25 @@ impl App {
 }
 
 /// Says loudly, at every start, which insecure settings are on.
-fn warn_insecure(config: &Config, gateway_id: &str) {
-    if config.insecure_skip_sns_verification {
-        tracing::warn!(
+fn warn_insecure(settings: &Settings, gateway_id: &str) {
+    match &settings.bus.verify {
+        None => tracing::warn!(
             gateway = %gateway_id,
             "SNS SIGNATURE VERIFICATION IS OFF: anyone who can POST to /sns can broadcast into \
              any room. Use this only with a local emulator."
-        );
+        ),
+        Some(verify) => {
+            if let Some(mirror) = &verify.cert_mirror {
+                tracing::warn!(
+                    gateway = %gateway_id, %mirror,
+                    "SNS SIGNING CERTIFICATES COME FROM A MIRROR, whatever host the messages \
+                     name: trust in the mirror replaces the check that certificates come from an \
+                     SNS host. Use this only with a local emulator, never on AWS."
+                );
+            }
+        }
     }
-    if let (false, Some(mirror)) = (
-        config.insecure_skip_sns_verification,
-        &config.sns_cert_mirror,
-    ) {
-        tracing::warn!(
-            gateway = %gateway_id, %mirror,
-            "SNS SIGNING CERTIFICATES COME FROM A MIRROR, whatever host the messages name: \
-             trust in the mirror replaces the check that certificates come from an SNS host. \
-             Use this only with a local emulator, never on AWS."
-        );
-    }
-    if config.insecure_dev_users {
+    if settings.auth.dev_users {
         tracing::warn!(
             gateway = %gateway_id,
             "DEV USERS ARE ON: clients name themselves with ?user=NAME, unauthenticated."
@@ -439,40 +431,38 @@ fn warn_insecure(config: &Config, gateway_id: &str) {
 /// as at the drain.
 struct BusLink {
     subscription: Subscription,
-    queue: Option<GatewayQueue>,
+    /// With `--bus sqs`: the queue and its long-poll wait.
+    queue: Option<(GatewayQueue, Duration)>,
     receiver: Option<JoinHandle<()>>,
 }
 
 impl BusLink {
     /// The endpoint SNS delivers to: this gateway's `/sns`, or a queue created for it.
     async fn open(
-        config: &Config,
+        settings: &Settings,
         gateway_id: &str,
         bound: SocketAddr,
         sqs: Option<aws_sdk_sqs::Client>,
         subscriptions: Arc<dyn TopicSubscriptions>,
         readiness: &Readiness,
     ) -> Result<BusLink, GatewayError> {
-        let (endpoint, queue) = match config.bus {
-            BusKind::Http => (Endpoint::Http(config.sns_endpoint(bound)), None),
-            BusKind::Sqs => {
-                let Some(sqs) = sqs else {
-                    return Err(ConfigError::Invalid("--bus sqs needs an SQS client".into()).into());
-                };
-                let name = config
-                    .sqs_queue_name
+        let (endpoint, queue) = match &settings.bus.transport {
+            Transport::Http => (Endpoint::Http(settings.sns_endpoint(bound)), None),
+            Transport::Sqs { queue_name, wait } => {
+                let sqs = sqs.ok_or(GatewayError::NoSqsClient)?;
+                let name = queue_name
                     .clone()
                     .unwrap_or_else(|| sqs::queue_name(gateway_id));
-                let queue = GatewayQueue::create(sqs, &name, &config.topic_arn).await?;
+                let queue = GatewayQueue::create(sqs, &name, &settings.bus.topic_arn).await?;
                 let endpoint = Endpoint::Queue {
                     arn: queue.arn.clone(),
                 };
-                (endpoint, Some(queue))
+                (endpoint, Some((queue, *wait)))
             }
         };
         let policy = ConfirmPolicy {
-            timeout: Duration::from_millis(config.subscribe_timeout_ms),
-            attempts: config.subscribe_attempts,
+            timeout: settings.bus.subscribe_timeout,
+            attempts: settings.bus.subscribe_attempts,
         };
         Ok(BusLink {
             subscription: Subscription::new(subscriptions, endpoint, policy, readiness.clone()),
@@ -482,8 +472,8 @@ impl BusLink {
     }
 
     /// With a queue, starts taking its messages in; they stop when the drain's bus stage does.
-    fn start_receiving(&mut self, inbox: &Arc<Inbox>, drain: &Drain, wait: Duration) {
-        let Some(queue) = self.queue.clone() else {
+    fn start_receiving(&mut self, inbox: &Arc<Inbox>, drain: &Drain) {
+        let Some((queue, wait)) = self.queue.clone() else {
             return;
         };
         let (inbox, stop) = (Arc::clone(inbox), drain.bus.clone());
@@ -501,7 +491,7 @@ impl BusLink {
         if let Some(receiver) = self.receiver.take() {
             let _ = receiver.await;
         }
-        if let Some(queue) = &self.queue {
+        if let Some((queue, _)) = &self.queue {
             queue.delete().await;
         }
     }

@@ -1,18 +1,19 @@
-use chorus_gateway::config::{Cli, Command};
-use chorus_gateway::{App, service};
+use chorus_gateway::cli::{Cli, Command};
+use chorus_gateway::{App, Settings, service};
 use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli { command, config } = Cli::parse();
-    chorus_service::init_tracing(&config.log)?;
+    let cli = Cli::parse();
+    chorus_service::init_tracing(&cli.log)?;
     let aws = chorus_service::load_aws_config().await;
-    if let Some(Command::PruneSubscriptions) = command {
-        return Ok(service::prune_subscriptions(&aws, &config.topic_arn).await?);
+    if let Some(Command::PruneSubscriptions) = cli.command {
+        return Ok(service::prune_subscriptions(&aws, &cli.bus.topic_arn).await?);
     }
-    let deps = service::deps(&config, &aws)?;
-    let metrics_listen = config.metrics_listen;
-    let app = App::build(config, deps).await?;
+    let settings = Settings::try_from(cli)?;
+    let deps = service::deps(&settings, &aws)?;
+    let metrics_listen = settings.metrics_listen;
+    let app = App::build(settings, deps).await?;
     service::run(app, metrics_listen, chorus_service::shutdown_signal()).await?;
     Ok(())
 }

@@ -11,40 +11,42 @@ use chorus_service::service_auth::{Grant, ServiceKeys, TokenSource};
 
 use crate::bus::{CertSource, SnsSubscriptions, prune_dead_subscriptions};
 use crate::writer_client::WriterClient;
-use crate::{App, Config, Deps, GatewayError, Phase};
+use crate::{App, Deps, GatewayError, Phase, Settings};
 
 /// How long a service token for the writers lives.
 const WRITER_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 
-/// The gateway's effects on AWS and the writers, from `config` and the SDK configuration.
+/// The gateway's effects on AWS and the writers, from `settings` and the SDK configuration.
 ///
 /// # Errors
 /// [`GatewayError`] when the writers' service key cannot be read or the writer client built.
-pub fn deps(config: &Config, aws: &aws_config::SdkConfig) -> Result<Deps, GatewayError> {
+pub fn deps(settings: &Settings, aws: &aws_config::SdkConfig) -> Result<Deps, GatewayError> {
     let writer_keys =
-        ServiceKeys::from_files(&config.writer_key_file).map_err(GatewayError::WriterKeys)?;
-    let caller = config
+        ServiceKeys::from_files(&settings.writer.key_files).map_err(GatewayError::WriterKeys)?;
+    let caller = settings
         .gateway_id
         .clone()
         .unwrap_or_else(|| "gateway".to_owned());
-    let writers = WriterClient::new(
-        &config.writer_urls,
-        Duration::from_millis(config.writer_timeout_ms),
-    )
-    .map_err(GatewayError::WriterClient)?
-    .with_auth(TokenSource::new(
-        writer_keys,
-        Grant::gateway(caller),
-        WRITER_TOKEN_LIFETIME,
-    ));
+    let writers = WriterClient::new(&settings.writer.urls, settings.writer.timeout)
+        .map_err(GatewayError::WriterClient)?
+        .with_auth(TokenSource::new(
+            writer_keys,
+            Grant::gateway(caller),
+            WRITER_TOKEN_LIFETIME,
+        ));
     Ok(Deps {
         log: Arc::new(writers),
         subscriptions: Arc::new(SnsSubscriptions::new(
             aws_sdk_sns::Client::new(aws),
-            &config.topic_arn,
+            &settings.bus.topic_arn,
         )),
         sqs: Some(aws_sdk_sqs::Client::new(aws)),
-        certs: match &config.sns_cert_mirror {
+        certs: match settings
+            .bus
+            .verify
+            .as_ref()
+            .and_then(|v| v.cert_mirror.as_ref())
+        {
             None => CertSource::Aws,
             Some(base) => CertSource::Mirror {
                 base: base.clone(),
@@ -75,7 +77,8 @@ pub async fn prune_subscriptions(
 }
 
 /// Runs `app` as a service until `shutdown`: tells systemd when it is ready and when it stops,
-/// pings systemd's watchdog, and serves `/metrics` on `metrics_listen` too, if given.
+/// pings systemd's watchdog, and serves `/metrics` on `metrics_listen` too, if given (the
+/// settings' `metrics_listen`).
 ///
 /// # Errors
 /// [`GatewayError`] when the metrics address cannot be bound, or from [`App::run_until`].

@@ -14,6 +14,8 @@ use chorus_protocol::api::{ApiError, HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{RoomId, Seq};
 use chorus_service::service_auth::TokenSource;
 
+use crate::settings::HttpUrl;
+
 /// The message log (the writer, over HTTP).
 #[async_trait::async_trait]
 pub trait MessageLog: Send + Sync + 'static {
@@ -74,16 +76,13 @@ impl WriterClient {
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(bases: &[String], timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(bases: &[HttpUrl], timeout: Duration) -> Result<Self, reqwest::Error> {
         Ok(WriterClient {
             http: reqwest::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(timeout.min(Duration::from_secs(2)))
                 .build()?,
-            bases: bases
-                .iter()
-                .map(|b| b.trim_end_matches('/').to_owned())
-                .collect(),
+            bases: bases.iter().map(|b| b.base().to_owned()).collect(),
             attempts: 3,
             auth: None,
         })
@@ -232,7 +231,8 @@ mod tests {
     }
 
     fn client(bases: &[String]) -> WriterClient {
-        WriterClient::new(bases, Duration::from_secs(2)).unwrap()
+        let bases: Vec<HttpUrl> = bases.iter().map(|b| b.parse().unwrap()).collect();
+        WriterClient::new(&bases, Duration::from_secs(2)).unwrap()
     }
 
     #[test]

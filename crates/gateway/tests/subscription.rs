@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::{BusError, Endpoint, SnsEnvelope, SubscriptionState, TopicSubscriptions};
+use chorus_gateway::settings::VerifySettings;
 use chorus_gateway::writer_client::{LogError, MessageLog};
-use chorus_gateway::{App, Config, Deps, GatewayError};
+use chorus_gateway::{App, Deps, GatewayError, Settings};
 use chorus_protocol::RoomId;
 use chorus_protocol::Seq;
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
@@ -223,22 +224,27 @@ async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
         topic,
         format!("http://localhost.localstack.cloud:4566{CERT_PATH}"),
     );
-    let mut config = Config::new(topic, "http://127.0.0.1:9");
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.insecure_dev_users = true;
-    config.sns_cert_mirror = Some(mirror.clone());
-    config.subscribe_timeout_ms = timeout_ms;
-    config.subscribe_attempts = attempts;
+    let mut settings = Settings::new(topic, "http://127.0.0.1:9".parse().unwrap());
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.auth.dev_users = true;
+    settings.bus.verify = Some(VerifySettings {
+        cert_mirror: Some(mirror.parse().unwrap()),
+        ..VerifySettings::default()
+    });
+    settings.bus.subscribe_timeout = Duration::from_millis(timeout_ms);
+    settings.bus.subscribe_attempts = attempts;
     let deps = Deps {
         log: Arc::new(NoWriter),
         subscriptions: Arc::clone(&sns) as Arc<dyn TopicSubscriptions>,
         certs: CertSource::Mirror {
-            base: mirror,
+            base: mirror.parse().unwrap(),
             sign_as: None,
         },
         sqs: None,
     };
-    let app = App::build(config, deps).await.expect("the gateway builds");
+    let app = App::build(settings, deps)
+        .await
+        .expect("the gateway builds");
     let addr = app.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let run = tokio::spawn(app.run_until(async {

@@ -22,7 +22,7 @@ async fn verifier() -> (Verifier, Arc<AtomicUsize>) {
         TOPIC,
         Duration::from_secs(3600),
         CertSource::Mirror {
-            base,
+            base: base.parse().unwrap(),
             sign_as: None,
         },
     )

@@ -42,6 +42,7 @@ use x509_cert::der::{DecodePem as _, Encode as _};
 
 use super::certs::{CertCacheSettings, CertMetrics, KeyCache};
 use super::envelope::SnsEnvelope;
+use crate::settings::HttpUrl;
 
 /// Largest certificate accepted, in bytes.
 const MAX_CERT_BYTES: usize = 16 * 1024;
@@ -55,7 +56,7 @@ pub enum CertSource {
     /// that serves the certificate itself. With `sign_as`, the request carries a SigV4 signature
     /// for service `sns` in that region.
     Mirror {
-        base: String,
+        base: HttpUrl,
         sign_as: Option<(SharedCredentialsProvider, String)>,
     },
 }
@@ -174,7 +175,7 @@ impl Verifier {
             }
             CertSource::Mirror { base, .. } => {
                 let path = check_mirrored_cert_url(cert_url)?;
-                format!("{}{path}", base.trim_end_matches('/'))
+                format!("{}{path}", base.base())
             }
         };
         let signature = message

@@ -2,12 +2,7 @@
 
 use tokio::time::Instant;
 
-/// A sustained rate and the burst allowed above it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Rate {
-    pub per_sec: u32,
-    pub burst: u32,
-}
+pub(crate) use crate::settings::Rate;
 
 /// A token bucket; the [`Rate`] is passed in on each take, so a connection stores only its
 /// level and the time of the last take.

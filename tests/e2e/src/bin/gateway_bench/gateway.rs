@@ -10,7 +10,7 @@ use std::time::Duration;
 use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::ConfirmedAtOnce;
 use chorus_gateway::writer_client::{LogError, MessageLog};
-use chorus_gateway::{App, Config, Deps};
+use chorus_gateway::{App, Deps, Settings};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{RoomId, Seq};
 
@@ -51,11 +51,11 @@ pub(crate) async fn serve() -> anyhow::Result<()> {
         log_format: chorus_service::LogFormat::Text,
         log: std::env::var("CHORUS_LOG").unwrap_or_else(|_| "error".into()),
     })?;
-    let mut config = Config::new(TOPIC_ARN, "http://127.0.0.1:9");
-    config.listen = "127.0.0.1:0".parse()?;
-    config.insecure_skip_sns_verification = true;
-    config.insecure_dev_users = true;
-    config.drain_timeout_ms = 1_000;
+    let mut settings = Settings::new(TOPIC_ARN, "http://127.0.0.1:9".parse()?);
+    settings.listen = "127.0.0.1:0".parse()?;
+    settings.bus.verify = None;
+    settings.auth.dev_users = true;
+    settings.drain_timeout = Duration::from_secs(1);
     let deps = Deps {
         log: Arc::new(EmptyLog),
         subscriptions: Arc::new(ConfirmedAtOnce {
@@ -64,7 +64,7 @@ pub(crate) async fn serve() -> anyhow::Result<()> {
         certs: CertSource::Aws,
         sqs: None,
     };
-    let app = App::build(config, deps).await?;
+    let app = App::build(settings, deps).await?;
     let addr = app.local_addr()?;
     let gateway = tokio::spawn(app.run_until(crate::stdin_closed()));
     let readyz = format!("http://{addr}/readyz");
