@@ -24,7 +24,8 @@
 //!
 //! Public, for the integration tests, the benchmark and the fuzz targets outside the crate:
 //! [`auth`] (the token rules are tested from outside), [`bus`] (envelope, verification,
-//! subscriptions and the janitor, through re-exports), [`cli`], [`settings`] and [`writer_client`].
+//! subscriptions and the janitor, through re-exports), [`cli`], [`settings`] and [`writer_client`];
+//! with the `test-support` feature, `test_support` (fakes for tests and benchmarks).
 
 pub mod auth;
 pub mod bus;
@@ -35,6 +36,8 @@ mod metrics;
 pub mod service;
 mod session;
 pub mod settings;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 pub mod writer_client;
 
 use std::future::Future;
@@ -74,7 +77,8 @@ pub struct Deps {
     pub sqs: Option<aws_sdk_sqs::Client>,
 }
 
-/// Why the gateway could not start, or stopped abnormally.
+/// Why the gateway could not start, or stopped abnormally. Each error's causes are its
+/// [`source`](std::error::Error::source)s (`main` prints them all).
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(
@@ -96,10 +100,11 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    #[error("subscribing to the topic failed: {0}")]
-    Subscribe(#[from] BusError),
-    #[error("serving failed: {0}")]
-    Io(#[from] std::io::Error),
+    /// The bus endpoint could not be set up, or no subscription made and confirmed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("the listening socket failed")]
+    Listener(#[from] std::io::Error),
 }
 
 /// Where a gateway is in its life, for whoever supervises it (systemd, see [`service`]).
@@ -354,7 +359,7 @@ impl App {
                 stop_server(server).await;
                 return match failed_or_stopped {
                     Some(Err(e)) => {
-                        tracing::error!(gateway = %gateway_id, error.message = %e, "no confirmed subscription: stopping");
+                        tracing::error!(gateway = %gateway_id, error.message = %Chain(&e), "no confirmed subscription: stopping");
                         Err(e.into())
                     }
                     _ => {
@@ -494,5 +499,21 @@ impl BusLink {
         if let Some((queue, _)) = &self.queue {
             queue.delete().await;
         }
+    }
+}
+
+/// An error with its causes, `error: cause: cause`, for logs (an SDK error's own text is only
+/// "service error": what went wrong is in its causes).
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
     }
 }

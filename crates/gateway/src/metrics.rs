@@ -4,7 +4,7 @@ use chorus_service::metrics::{Counter, Exposition, Gauge, Histogram};
 
 use std::sync::Arc;
 
-use crate::auth::Refusal;
+use crate::auth::RefusalReason;
 use crate::bus::certs::CertMetrics;
 
 /// Every counter and gauge of one gateway.
@@ -247,13 +247,13 @@ impl GatewayMetrics {
     }
 
     /// Counts a WebSocket request refused for its credentials.
-    pub(crate) fn refused(&self, reason: Refusal) {
+    pub(crate) fn refused(&self, reason: RefusalReason) {
         match reason {
-            Refusal::Missing => &self.refused_missing,
-            Refusal::Malformed => &self.refused_malformed,
-            Refusal::Signature => &self.refused_signature,
-            Refusal::Expired => &self.refused_expired,
-            Refusal::Audience => &self.refused_audience,
+            RefusalReason::Missing => &self.refused_missing,
+            RefusalReason::Malformed => &self.refused_malformed,
+            RefusalReason::Signature => &self.refused_signature,
+            RefusalReason::Expired => &self.refused_expired,
+            RefusalReason::Audience => &self.refused_audience,
         }
         .inc();
     }

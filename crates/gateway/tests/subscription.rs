@@ -123,7 +123,10 @@ impl TopicSubscriptions for FakeSns {
             .tokens
             .get(token)
             .cloned()
-            .ok_or_else(|| BusError(format!("unknown token {token}")))?;
+            .ok_or_else(|| BusError::Aws {
+                call: "ConfirmSubscription",
+                source: format!("unknown token {token}").into(),
+            })?;
         state.confirmed.insert(arn);
         Ok(())
     }

@@ -10,6 +10,7 @@ use chorus_protocol::bus::BusPayloadError;
 use super::envelope::SnsEnvelope;
 use super::subscription::{Readiness, TopicSubscriptions};
 use super::verify::{Verifier, VerifyError};
+use crate::Chain;
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 
@@ -150,7 +151,7 @@ impl Inbox {
                     match subscriptions.confirm(&token).await {
                         Ok(()) => tracing::info!("subscription confirmed"),
                         Err(e) => {
-                            tracing::error!(error.message = %e, "confirming the subscription failed")
+                            tracing::error!(error.message = %Chain(&e), "confirming the subscription failed")
                         }
                     }
                 });

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use aws_sdk_sns::Client;
-use aws_sdk_sns::error::DisplayErrorContext;
 
 use super::{BusError, aws_error};
+use crate::Chain;
 
 /// Removes the topic's HTTP(S) subscriptions whose gateway no longer answers at all (connection
 /// refused or timed out on `GET <endpoint base>/healthz`, twice): the subscriptions of gateways
@@ -25,7 +25,7 @@ pub async fn prune_dead_subscriptions(
         .timeout(Duration::from_secs(2))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| BusError(format!("building the HTTP client: {e}")))?;
+        .map_err(BusError::HttpClient)?;
     let mut removed = Vec::new();
     let mut next_token: Option<String> = None;
     loop {
@@ -62,7 +62,7 @@ pub async fn prune_dead_subscriptions(
                     removed.push(arn);
                 }
                 Err(e) => {
-                    tracing::warn!(%endpoint, error.message = %DisplayErrorContext(&e), "unsubscribing a dead gateway failed")
+                    tracing::warn!(%endpoint, error.message = %Chain(&e), "unsubscribing a dead gateway failed")
                 }
             }
         }

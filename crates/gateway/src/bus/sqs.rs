@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use chorus_protocol::BusPayload;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::envelope::SnsEnvelope;
 use super::inbox::{Inbox, Rejection};
 use super::{BusError, aws_error};
+use crate::Chain;
 
 /// This gateway's queue.
 #[derive(Debug, Clone)]
@@ -46,9 +46,10 @@ impl GatewayQueue {
             .send()
             .await
             .map_err(aws_error("CreateQueue"))?;
-        let url = created
-            .queue_url
-            .ok_or_else(|| BusError("CreateQueue returned no URL".into()))?;
+        let url = created.queue_url.ok_or(BusError::Missing {
+            call: "CreateQueue",
+            missing: "queue URL",
+        })?;
         let attributes = client
             .get_queue_attributes()
             .queue_url(&url)
@@ -59,7 +60,10 @@ impl GatewayQueue {
         let arn = attributes
             .attributes
             .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-            .ok_or_else(|| BusError("the queue has no ARN".into()))?;
+            .ok_or(BusError::Missing {
+                call: "GetQueueAttributes",
+                missing: "queue ARN",
+            })?;
         let policy = queue_policy(&arn, topic_arn);
         client
             .set_queue_attributes()
@@ -89,7 +93,7 @@ impl GatewayQueue {
             let messages = match received {
                 Ok(out) => out.messages.unwrap_or_default(),
                 Err(e) => {
-                    tracing::warn!(error.message = %DisplayErrorContext(&e), "receiving from the gateway queue failed: retrying");
+                    tracing::warn!(error.message = %Chain(&e), "receiving from the gateway queue failed: retrying");
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -123,7 +127,7 @@ impl GatewayQueue {
                     .await
             {
                 // They come back after the visibility timeout; the order layer drops them.
-                tracing::warn!(error.message = %DisplayErrorContext(&e), "deleting handled messages failed");
+                tracing::warn!(error.message = %Chain(&e), "deleting handled messages failed");
             }
         }
     }
@@ -133,7 +137,7 @@ impl GatewayQueue {
         match self.client.delete_queue().queue_url(&self.url).send().await {
             Ok(_) => tracing::info!(queue = %self.url, "gateway queue deleted"),
             Err(e) => {
-                tracing::warn!(error.message = %DisplayErrorContext(&e), "deleting the gateway queue failed")
+                tracing::warn!(error.message = %Chain(&e), "deleting the gateway queue failed")
             }
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use aws_sdk_sns::Client;
 
 use super::{BusError, aws_error};
+use crate::Chain;
 use crate::hub::Hub;
 
 /// Where SNS delivers to this gateway.
@@ -51,31 +52,6 @@ pub trait TopicSubscriptions: Send + Sync + 'static {
     async fn unsubscribe(&self, subscription_arn: &str) -> Result<(), BusError>;
 }
 
-/// [`TopicSubscriptions`] with no SNS behind them: every subscription is confirmed as soon as it
-/// is made. For running a gateway in tests and benchmarks, whose bus messages are posted to its
-/// `/sns` directly.
-#[derive(Debug, Clone)]
-pub struct ConfirmedAtOnce {
-    /// The ARN every subscription gets.
-    pub subscription_arn: String,
-}
-
-#[async_trait::async_trait]
-impl TopicSubscriptions for ConfirmedAtOnce {
-    async fn subscribe(&self, _: &Endpoint) -> Result<String, BusError> {
-        Ok(self.subscription_arn.clone())
-    }
-    async fn state(&self, _: &str) -> Result<SubscriptionState, BusError> {
-        Ok(SubscriptionState::Confirmed)
-    }
-    async fn confirm(&self, _: &str) -> Result<(), BusError> {
-        Ok(())
-    }
-    async fn unsubscribe(&self, _: &str) -> Result<(), BusError> {
-        Ok(())
-    }
-}
-
 /// [`TopicSubscriptions`] on SNS.
 #[derive(Debug, Clone)]
 pub struct SnsSubscriptions {
@@ -113,8 +89,10 @@ impl TopicSubscriptions for SnsSubscriptions {
                 .attributes("RawMessageDelivery", "true"),
         };
         let out = request.send().await.map_err(aws_error("Subscribe"))?;
-        out.subscription_arn
-            .ok_or_else(|| BusError("Subscribe returned no subscription ARN".into()))
+        out.subscription_arn.ok_or(BusError::Missing {
+            call: "Subscribe",
+            missing: "subscription ARN",
+        })
     }
 
     async fn state(&self, subscription_arn: &str) -> Result<SubscriptionState, BusError> {
@@ -339,20 +317,16 @@ impl Subscription {
             // A pending subscription may not be removable (SNS expires those itself);
             // subscribing again still has SNS send a new confirmation.
             if let Err(e) = self.subscriptions.unsubscribe(&arn).await {
-                tracing::debug!(subscription = %arn, error.message = %e, "removing the pending subscription failed");
+                tracing::debug!(subscription = %arn, error.message = %Chain(&e), "removing the pending subscription failed");
             }
             self.arn = None;
         }
-        let refused = status
-            .refused_confirmation()
-            .map(|why| format!(" (the last SubscriptionConfirmation was refused: {why})"))
-            .unwrap_or_default();
-        Err(BusError(format!(
-            "the subscription of {endpoint} was not confirmed in {attempts} attempts of {:?}\
-             {refused}: check that SNS reaches the endpoint and that its messages verify (with \
-             an emulator: --sns-cert-mirror)",
-            policy.timeout
-        )))
+        Err(BusError::NotConfirmed {
+            endpoint: endpoint.to_string(),
+            attempts,
+            timeout: policy.timeout,
+            refused: status.refused_confirmation(),
+        })
     }
 
     /// Checks every `interval` that the subscription still exists; if it is gone (someone
@@ -370,7 +344,7 @@ impl Subscription {
                     }
                     Ok(_) => continue,
                     Err(e) => {
-                        tracing::warn!(error.message = %e, "checking the subscription failed");
+                        tracing::warn!(error.message = %Chain(&e), "checking the subscription failed");
                         continue;
                     }
                 }
@@ -385,7 +359,7 @@ impl Subscription {
                     hub.repair_all();
                 }
                 Err(e) => {
-                    tracing::error!(error.message = %e, "subscribing again failed: trying again at the next check")
+                    tracing::error!(error.message = %Chain(&e), "subscribing again failed: trying again at the next check")
                 }
             }
         }
@@ -398,7 +372,7 @@ impl Subscription {
             return;
         };
         if let Err(e) = self.subscriptions.unsubscribe(&arn).await {
-            tracing::warn!(subscription = %arn, error.message = %e, "unsubscribing failed: SNS will drop the endpoint after failed deliveries");
+            tracing::warn!(subscription = %arn, error.message = %Chain(&e), "unsubscribing failed: SNS will drop the endpoint after failed deliveries");
         }
     }
 }

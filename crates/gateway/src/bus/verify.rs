@@ -42,6 +42,7 @@ use x509_cert::der::{DecodePem as _, Encode as _};
 
 use super::certs::{CertCacheSettings, CertMetrics, KeyCache};
 use super::envelope::SnsEnvelope;
+use crate::Chain;
 use crate::settings::HttpUrl;
 
 /// Largest certificate accepted, in bytes.
@@ -251,9 +252,11 @@ impl Verifier {
             ..
         } = &self.inner.source
         {
+            // The reason is cached and shared with every waiter (VerifyError is Clone): the
+            // cause chain goes into its text.
             for (name, value) in sigv4_headers(url, credentials, region)
                 .await
-                .map_err(|e| fetch_err(&e))?
+                .map_err(|e| fetch_err(&Chain(&e)))?
             {
                 request = request.header(name, value);
             }
@@ -421,19 +424,27 @@ pub fn string_to_sign(message: &SnsEnvelope) -> Result<String, VerifyError> {
     Ok(out)
 }
 
+/// Why a certificate request could not be signed as an SNS call.
+#[derive(Debug, thiserror::Error)]
+enum SigningError {
+    #[error("no AWS credentials to sign the certificate request with")]
+    Credentials(#[from] aws_credential_types::provider::error::CredentialsError),
+    #[error("bad signing parameters")]
+    Params(#[from] aws_sigv4::sign::v4::signing_params::BuildError),
+    #[error("signing the certificate request failed")]
+    Sign(#[from] aws_sigv4::http_request::SigningError),
+}
+
 /// SigV4 headers for a GET of `url` as an SNS call (how an emulator recognizes the request).
 async fn sigv4_headers(
     url: &str,
     credentials: &SharedCredentialsProvider,
     region: &str,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, SigningError> {
     use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
     use aws_sigv4::sign::v4;
 
-    let credentials = credentials
-        .provide_credentials()
-        .await
-        .map_err(|e| e.to_string())?;
+    let credentials = credentials.provide_credentials().await?;
     let identity = credentials.into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
@@ -441,14 +452,10 @@ async fn sigv4_headers(
         .name("sns")
         .time(SystemTime::now())
         .settings(SigningSettings::default())
-        .build()
-        .map_err(|e| e.to_string())?
+        .build()?
         .into();
-    let request = SignableRequest::new("GET", url, std::iter::empty(), SignableBody::Bytes(&[]))
-        .map_err(|e| e.to_string())?;
-    let (instructions, _signature) = sign(request, &params)
-        .map_err(|e| e.to_string())?
-        .into_parts();
+    let request = SignableRequest::new("GET", url, std::iter::empty(), SignableBody::Bytes(&[]))?;
+    let (instructions, _signature) = sign(request, &params)?.into_parts();
     let (headers, _query) = instructions.into_parts();
     Ok(headers
         .into_iter()

@@ -253,7 +253,7 @@ impl Hub {
                 .await
             {
                 Ok(page) => page,
-                Err(LogError::Expired(_)) => return Err(expired(None)),
+                Err(LogError::Expired { .. }) => return Err(expired(None)),
                 Err(e) => return Err(e.into()),
             };
             if last > page.head {

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::fanout::message_frame;
 use super::rooms::{Room, close_room, lock};
 use super::{Hub, HubSettings};
+use crate::Chain;
 use crate::writer_client::LogError;
 
 /// What the repair task does next.
@@ -160,7 +161,7 @@ impl Hub {
         let head = match self.inner.log.history(room_id, Seq(0), 0).await {
             Ok(page) => page.head,
             Err(e) => {
-                tracing::warn!(room = %room_id, error.message = %e, "reading the room head failed: retrying later");
+                tracing::warn!(room = %room_id, error.message = %Chain(&e), "reading the room head failed: retrying later");
                 return false;
             }
         };
@@ -216,12 +217,12 @@ impl Hub {
                 room.failed_fills += 1;
                 tracing::warn!(room = %room_id, %after, attempts = room.failed_fills, "the writer's history does not have the missing seq");
             }
-            Err(LogError::Expired(e)) => {
-                tracing::warn!(room = %room_id, %after, error.message = %e, "the missing seqs have expired");
+            Err(e @ LogError::Expired { .. }) => {
+                tracing::warn!(room = %room_id, %after, error.message = %Chain(&e), "the missing seqs have expired");
                 room.failed_fills = self.inner.settings.max_repair_attempts;
             }
             Err(e) => {
-                tracing::warn!(room = %room_id, error.message = %e, "history read for a gap failed: retrying");
+                tracing::warn!(room = %room_id, error.message = %Chain(&e), "history read for a gap failed: retrying");
             }
         }
         if room.failed_fills >= self.inner.settings.max_repair_attempts {

@@ -52,7 +52,10 @@ impl FakeLog {
 #[async_trait::async_trait]
 impl MessageLog for FakeLog {
     async fn append(&self, _: &RoomId, _: &SendRequest) -> Result<SendResponse, LogError> {
-        Err(LogError::Unavailable("not used".into()))
+        Err(LogError::Refused {
+            status: 400,
+            message: "the hub never sends".into(),
+        })
     }
     async fn history(
         &self,
@@ -66,7 +69,9 @@ impl MessageLog for FakeLog {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.limits.lock().unwrap().push(limit);
         if limit > 0 && after.0 + 1 < self.expired_below.load(Ordering::Relaxed) {
-            return Err(LogError::Expired("gone".into()));
+            return Err(LogError::Expired {
+                message: "gone".into(),
+            });
         }
         let rooms = self.rooms.lock().unwrap();
         let log = rooms.get(room).cloned().unwrap_or_default();
@@ -86,9 +91,10 @@ impl MessageLog for FakeLog {
         _: Option<Seq>,
         _: u32,
     ) -> Result<HistoryPage, LogError> {
-        Err(LogError::Unavailable(
-            "the hub never reads backwards".into(),
-        ))
+        Err(LogError::Refused {
+            status: 400,
+            message: "the hub never reads backwards".into(),
+        })
     }
 }
 

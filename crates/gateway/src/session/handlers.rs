@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::refusal::Refusal;
 use super::{Context, Session, reply};
+use crate::Chain;
 use crate::hub::{JoinError, MemberHandle};
 
 /// What a handler answers when it does not refuse: a frame, or nothing.
@@ -97,7 +98,7 @@ async fn join(
             oldest,
         }),
         Err(JoinError::Log(e)) => {
-            tracing::warn!(%room, error.message = %e, "join failed");
+            tracing::warn!(%room, error.message = %Chain(&e), "join failed");
             Err(Refusal::JoinUnavailable { room })
         }
     }
@@ -141,7 +142,7 @@ async fn send(
             }))
         }
         Err(error) => {
-            tracing::warn!(%room, error.message = %error, "send failed");
+            tracing::warn!(%room, error.message = %Chain(&error), "send failed");
             Err(Refusal::SendFailed { id, error })
         }
     }
@@ -176,7 +177,7 @@ async fn history(
             Ok(Some(ServerFrame::History { room, id, messages }))
         }
         Err(e) => {
-            tracing::warn!(%room, error.message = %e, "history request failed");
+            tracing::warn!(%room, error.message = %Chain(&e), "history request failed");
             Err(Refusal::HistoryUnavailable { room, id })
         }
     }

@@ -148,7 +148,7 @@ impl Refusal {
                     LogError::Unavailable(_) => {
                         "the message store is unavailable: retry with the same id"
                     }
-                    LogError::Refused(_) | LogError::Expired(_) => {
+                    LogError::Refused { .. } | LogError::Expired { .. } => {
                         "the message store refused this send"
                     }
                 };

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chorus_gateway::bus::CertSource;
-use chorus_gateway::bus::ConfirmedAtOnce;
 use chorus_gateway::settings::VerifySettings;
+use chorus_gateway::test_support::ConfirmedAtOnce;
 use chorus_gateway::writer_client::{LogError, MessageLog};
 use chorus_gateway::{App, Deps, Settings};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_gateway::bus::CertSource;
-use chorus_gateway::bus::ConfirmedAtOnce;
+use chorus_gateway::test_support::ConfirmedAtOnce;
 use chorus_gateway::writer_client::{LogError, MessageLog};
 use chorus_gateway::{App, Deps, Settings};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
@@ -23,7 +23,10 @@ struct EmptyLog;
 #[async_trait::async_trait]
 impl MessageLog for EmptyLog {
     async fn append(&self, _: &RoomId, _: &SendRequest) -> Result<SendResponse, LogError> {
-        Err(LogError::Refused("the gateway bench has no writer".into()))
+        Err(LogError::Refused {
+            status: 501,
+            message: "the gateway bench has no writer".into(),
+        })
     }
 
     async fn history(&self, _: &RoomId, _: Seq, _: u32) -> Result<HistoryPage, LogError> {
