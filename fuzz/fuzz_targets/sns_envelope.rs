@@ -2,7 +2,7 @@
 #![no_main]
 
 use chorus_gateway::bus::SnsEnvelope;
-use chorus_gateway::verify::{check_cert_url, string_to_sign};
+use chorus_gateway::bus::{check_cert_url, string_to_sign};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -571,7 +571,7 @@ class QueuesOnlyFromTheTopic(_Rule):
         "Every AWS::SQS::QueuePolicy that allows sqs:SendMessage allows it to SNS with an "
         "aws:SourceArn condition, and explicitly denies sqs:SendMessage to every principal whose "
         "aws:SourceArn is not that topic. Gateways create their queues at run time "
-        "(crates/gateway/src/queue.rs); infra/tests/fixtures/gateway-queue-policy.json is the "
+        "(crates/gateway/src/bus/sqs.rs); infra/tests/fixtures/gateway-queue-policy.json is the "
         "policy they must set, checked by the same function."
     )
 

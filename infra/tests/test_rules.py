@@ -244,7 +244,7 @@ class TemplateRules(unittest.TestCase):
 
 class QueuePolicies(unittest.TestCase):
     """The queue policy rule (E9015) on the policy a gateway sets on its own queue at run time
-    (crates/gateway/src/queue.rs): the fixture is what it must write; the allow-only fixture is the
+    (crates/gateway/src/bus/sqs.rs): the fixture is what it must write; the allow-only fixture is the
     policy before issue 16, which let any account principal with sqs:SendMessage inject events."""
 
     def fixture(self, name):

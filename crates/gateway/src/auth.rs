@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chorus_protocol::{RoomId, UserId};
+use chorus_protocol::{InvalidValue, RoomId, UserId};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -94,14 +94,38 @@ pub enum AuthError {
     #[error("the token is from another issuer (iss)")]
     Issuer,
     #[error("the token's claims are unusable: {0}")]
-    Claims(String),
+    Claims(ClaimsError),
     #[error("bad ?user=: {0}")]
-    DevUser(String),
+    DevUser(InvalidValue),
+}
+
+/// Why a token's claims cannot be used. Like [`AuthError`], its text goes to the client, who
+/// sees no chain of causes: each variant says what is wrong in full.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimsError {
+    /// A claim this gateway requires is absent.
+    #[error("no {0}")]
+    Missing(String),
+    #[error("sub: {0}")]
+    Sub(InvalidValue),
+    #[error(transparent)]
+    Rooms(#[from] RoomPatternError),
+    /// The claims are not the JSON expected (serde's description of where).
+    #[error("{0}")]
+    Json(String),
+}
+
+/// A `rooms` entry that is neither a room name nor a room-name prefix followed by `*`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rooms: {pattern:?}: {reason}")]
+pub struct RoomPatternError {
+    pub pattern: String,
+    pub reason: InvalidValue,
 }
 
 /// The kind of a refusal, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum RefusalReason {
     Missing,
     Malformed,
     Signature,
@@ -109,29 +133,31 @@ pub enum Refusal {
     Audience,
 }
 
-impl Refusal {
+impl RefusalReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            Refusal::Missing => "missing",
-            Refusal::Malformed => "malformed",
-            Refusal::Signature => "signature",
-            Refusal::Expired => "expired",
-            Refusal::Audience => "audience",
+            RefusalReason::Missing => "missing",
+            RefusalReason::Malformed => "malformed",
+            RefusalReason::Signature => "signature",
+            RefusalReason::Expired => "expired",
+            RefusalReason::Audience => "audience",
         }
     }
 }
 
 impl AuthError {
-    pub fn reason(&self) -> Refusal {
+    pub fn reason(&self) -> RefusalReason {
         match self {
             AuthError::Missing
             | AuthError::MissingDevUser
             | AuthError::DevUsersOff
-            | AuthError::DevUser(_) => Refusal::Missing,
-            AuthError::Malformed | AuthError::TooLong | AuthError::Claims(_) => Refusal::Malformed,
-            AuthError::Algorithm(_) | AuthError::Signature => Refusal::Signature,
-            AuthError::Expired | AuthError::NotYetValid => Refusal::Expired,
-            AuthError::Audience | AuthError::Issuer => Refusal::Audience,
+            | AuthError::DevUser(_) => RefusalReason::Missing,
+            AuthError::Malformed | AuthError::TooLong | AuthError::Claims(_) => {
+                RefusalReason::Malformed
+            }
+            AuthError::Algorithm(_) | AuthError::Signature => RefusalReason::Signature,
+            AuthError::Expired | AuthError::NotYetValid => RefusalReason::Expired,
+            AuthError::Audience | AuthError::Issuer => RefusalReason::Audience,
         }
     }
 }
@@ -154,20 +180,25 @@ impl RoomGrants {
     /// Parses a `rooms` claim: exact names, or `prefix*` (`*` alone: every room).
     ///
     /// # Errors
-    /// A message naming the bad entry.
-    pub fn parse(patterns: &[String]) -> Result<RoomGrants, String> {
+    /// [`RoomPatternError`] naming the bad entry.
+    pub fn parse(patterns: &[String]) -> Result<RoomGrants, RoomPatternError> {
         let mut only = Vec::with_capacity(patterns.len());
         for pattern in patterns {
             match pattern.strip_suffix('*') {
                 Some("") => return Ok(RoomGrants::Every),
                 Some(prefix) => {
                     // A prefix must itself be a valid start of a room name.
-                    RoomId::parse(prefix).map_err(|e| format!("rooms: {pattern:?}: {e}"))?;
+                    RoomId::parse(prefix).map_err(|reason| RoomPatternError {
+                        pattern: pattern.clone(),
+                        reason,
+                    })?;
                     only.push(RoomPattern::Prefix(prefix.to_owned()));
                 }
                 None => {
-                    RoomId::parse(pattern.as_str())
-                        .map_err(|e| format!("rooms: {pattern:?}: {e}"))?;
+                    RoomId::parse(pattern.as_str()).map_err(|reason| RoomPatternError {
+                        pattern: pattern.clone(),
+                        reason,
+                    })?;
                     only.push(RoomPattern::Exact(pattern.clone()));
                 }
             }
@@ -335,7 +366,7 @@ impl Authenticator {
         match (token, offered.query_user) {
             (Some(token), _) if self.takes_tokens() => self.verify(token),
             (_, Some(user)) if self.dev_users => Ok(Identity {
-                user: UserId::parse(user).map_err(|e| AuthError::DevUser(e.to_string()))?,
+                user: UserId::parse(user).map_err(AuthError::DevUser)?,
                 rooms: RoomGrants::Every,
                 expires: None,
             }),
@@ -372,10 +403,10 @@ impl Authenticator {
     fn identity(&self, claims: Claims) -> Result<Identity, AuthError> {
         let sub = claims
             .sub
-            .ok_or_else(|| AuthError::Claims("no sub".into()))?;
-        let user = UserId::parse(sub).map_err(|e| AuthError::Claims(format!("sub: {e}")))?;
+            .ok_or_else(|| AuthError::Claims(ClaimsError::Missing("sub".into())))?;
+        let user = UserId::parse(sub).map_err(|e| AuthError::Claims(ClaimsError::Sub(e)))?;
         let rooms = RoomGrants::parse(claims.rooms.as_deref().unwrap_or_default())
-            .map_err(AuthError::Claims)?;
+            .map_err(|e| AuthError::Claims(e.into()))?;
         Ok(Identity {
             user,
             rooms,
@@ -400,8 +431,10 @@ fn refusal(kind: &ErrorKind) -> AuthError {
         ErrorKind::InvalidIssuer => AuthError::Issuer,
         ErrorKind::InvalidSignature => AuthError::Signature,
         ErrorKind::InvalidAlgorithm => AuthError::Algorithm("another algorithm".into()),
-        ErrorKind::MissingRequiredClaim(claim) => AuthError::Claims(format!("no {claim}")),
-        ErrorKind::Json(e) => AuthError::Claims(e.to_string()),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            AuthError::Claims(ClaimsError::Missing(claim.clone()))
+        }
+        ErrorKind::Json(e) => AuthError::Claims(ClaimsError::Json(e.to_string())),
         _ => AuthError::Malformed,
     }
 }

@@ -4,12 +4,12 @@ use chorus_service::metrics::{Counter, Exposition, Gauge, Histogram};
 
 use std::sync::Arc;
 
-use crate::auth::Refusal;
-use crate::certs::CertMetrics;
+use crate::auth::RefusalReason;
+use crate::bus::certs::CertMetrics;
 
 /// Every counter and gauge of one gateway.
 #[derive(Debug, Default)]
-pub struct GatewayMetrics {
+pub(crate) struct GatewayMetrics {
     pub connections: Gauge,
     pub connections_total: Counter,
     pub frames_received: Counter,
@@ -66,7 +66,7 @@ pub struct GatewayMetrics {
 
 impl GatewayMetrics {
     /// Prometheus text exposition; `rooms` is the number of rooms with local members.
-    pub fn render(&self, rooms: usize) -> String {
+    pub(crate) fn render(&self, rooms: usize) -> String {
         let rooms_gauge = Gauge::default();
         rooms_gauge.set(i64::try_from(rooms).unwrap_or(i64::MAX));
         Exposition::new()
@@ -247,13 +247,13 @@ impl GatewayMetrics {
     }
 
     /// Counts a WebSocket request refused for its credentials.
-    pub fn refused(&self, reason: Refusal) {
+    pub(crate) fn refused(&self, reason: RefusalReason) {
         match reason {
-            Refusal::Missing => &self.refused_missing,
-            Refusal::Malformed => &self.refused_malformed,
-            Refusal::Signature => &self.refused_signature,
-            Refusal::Expired => &self.refused_expired,
-            Refusal::Audience => &self.refused_audience,
+            RefusalReason::Missing => &self.refused_missing,
+            RefusalReason::Malformed => &self.refused_malformed,
+            RefusalReason::Signature => &self.refused_signature,
+            RefusalReason::Expired => &self.refused_expired,
+            RefusalReason::Audience => &self.refused_audience,
         }
         .inc();
     }

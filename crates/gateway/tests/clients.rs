@@ -6,6 +6,8 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chorus_client::{Client, ClientError, Received};
+use chorus_gateway::Settings;
+use chorus_gateway::settings::VerifySettings;
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
 use common::{Gateway, WAIT, metric};
 use futures_util::StreamExt as _;
@@ -37,14 +39,14 @@ fn token(secret: &[u8], sub: &str, rooms: &[&str], exp: u64) -> String {
 }
 
 /// A gateway that takes tokens signed with [`SECRET`] (and no dev users).
-async fn token_gateway(configure: impl FnOnce(&mut chorus_gateway::Config)) -> Gateway {
+async fn token_gateway(configure: impl FnOnce(&mut Settings)) -> Gateway {
     let path = std::env::temp_dir().join(format!("chorus-clients-test-{}", std::process::id()));
     std::fs::write(&path, SECRET).unwrap();
-    Gateway::start(|config| {
-        config.insecure_dev_users = false;
-        config.jwt_secret_file = vec![path];
-        config.jwt_leeway_secs = 0;
-        configure(config);
+    Gateway::start(|settings| {
+        settings.auth.dev_users = false;
+        settings.auth.secret_files = vec![path];
+        settings.auth.leeway = Duration::ZERO;
+        configure(settings);
     })
     .await
 }
@@ -194,9 +196,9 @@ async fn expired_forged_and_missing_tokens_are_refused_with_the_reason() {
 
 #[tokio::test]
 async fn a_connection_is_closed_when_its_token_expires() {
-    let gateway = token_gateway(|config| {
-        config.ping_interval_ms = 100;
-        config.idle_timeout_ms = 5_000;
+    let gateway = token_gateway(|settings| {
+        settings.clients.ping_interval = Duration::from_millis(100);
+        settings.clients.idle_timeout = Duration::from_millis(5_000);
     })
     .await;
     let short = token(SECRET, "john", &["lobby"], now() + 2);
@@ -212,9 +214,9 @@ async fn a_connection_is_closed_when_its_token_expires() {
 
 #[tokio::test]
 async fn over_the_send_rate_a_client_is_told_and_the_others_carry_on() {
-    let gateway = Gateway::start(|config| {
-        config.sends_per_sec = 1;
-        config.send_burst = 2;
+    let gateway = Gateway::start(|settings| {
+        settings.clients.sends.per_sec = 1;
+        settings.clients.sends.burst = 2;
     })
     .await;
     let mut john = Client::connect(&gateway.user_url("john")).await.unwrap();
@@ -266,9 +268,9 @@ async fn over_the_send_rate_a_client_is_told_and_the_others_carry_on() {
 
 #[tokio::test]
 async fn over_the_join_rate_a_client_is_told_which_join_was_ignored() {
-    let gateway = Gateway::start(|config| {
-        config.joins_per_sec = 1;
-        config.join_burst = 2;
+    let gateway = Gateway::start(|settings| {
+        settings.clients.joins.per_sec = 1;
+        settings.clients.joins.burst = 2;
     })
     .await;
     let mut client = Client::connect(&gateway.user_url("john")).await.unwrap();
@@ -290,7 +292,7 @@ async fn over_the_join_rate_a_client_is_told_which_join_was_ignored() {
 
 #[tokio::test]
 async fn a_full_gateway_closes_one_more_connection_with_the_code_that_says_so() {
-    let gateway = Gateway::start(|config| config.max_connections = 2).await;
+    let gateway = Gateway::start(|settings| settings.clients.max_connections = 2).await;
     let mut first = Client::connect(&gateway.user_url("a")).await.unwrap();
     let _second = Client::connect(&gateway.user_url("b")).await.unwrap();
     let mut third = Client::connect(&gateway.user_url("c")).await.unwrap();
@@ -317,9 +319,9 @@ async fn a_full_gateway_closes_one_more_connection_with_the_code_that_says_so() 
 
 #[tokio::test]
 async fn a_silent_client_is_closed_and_one_that_answers_pings_is_not() {
-    let gateway = Gateway::start(|config| {
-        config.ping_interval_ms = 100;
-        config.idle_timeout_ms = 300;
+    let gateway = Gateway::start(|settings| {
+        settings.clients.ping_interval = Duration::from_millis(100);
+        settings.clients.idle_timeout = Duration::from_millis(300);
     })
     .await;
     // A raw socket that completes the handshake, then says nothing (not even pongs).
@@ -377,9 +379,9 @@ async fn a_silent_client_is_closed_and_one_that_answers_pings_is_not() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_does_not_delay_the_others() {
-    let gateway = Gateway::start(|config| {
-        config.send_queue = 64;
-        config.send_queue_bytes = 512 * 1024;
+    let gateway = Gateway::start(|settings| {
+        settings.clients.send_queue = 64;
+        settings.clients.send_queue_bytes = 512 * 1024;
     })
     .await;
     let lobby = room("lobby");
@@ -463,7 +465,8 @@ async fn a_client_that_stops_reading_does_not_delay_the_others() {
 
 #[tokio::test]
 async fn a_client_that_trickles_its_request_headers_is_cut_off() {
-    let gateway = Gateway::start(|config| config.header_read_timeout_ms = 200).await;
+    let gateway =
+        Gateway::start(|settings| settings.header_read_timeout = Duration::from_millis(200)).await;
     let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     slow.write_all(b"GET /ws?user=slow HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
@@ -582,10 +585,10 @@ async fn stalled_joiner(
 
 #[tokio::test]
 async fn a_replay_into_a_client_that_does_not_read_stays_bounded_and_is_closed() {
-    let gateway = Gateway::start(|config| {
-        config.send_queue = 64;
-        config.send_queue_bytes = 64 * 1024;
-        config.replay_stall_timeout_ms = 300;
+    let gateway = Gateway::start(|settings| {
+        settings.clients.send_queue = 64;
+        settings.clients.send_queue_bytes = 64 * 1024;
+        settings.rooms.replay_stall = Duration::from_millis(300);
     })
     .await;
     // 16 MiB of history: far more than the queue, a page and the socket's buffers hold.
@@ -622,10 +625,10 @@ async fn a_replay_into_a_client_that_does_not_read_stays_bounded_and_is_closed()
 
 #[tokio::test]
 async fn a_token_that_expires_during_a_stalled_replay_still_closes_the_connection() {
-    let gateway = token_gateway(|config| {
-        config.send_queue_bytes = 64 * 1024;
-        config.replay_stall_timeout_ms = 600_000; // only the expiry can end it
-        config.ping_interval_ms = 100;
+    let gateway = token_gateway(|settings| {
+        settings.clients.send_queue_bytes = 64 * 1024;
+        settings.rooms.replay_stall = Duration::from_secs(600); // only the expiry can end it
+        settings.clients.ping_interval = Duration::from_millis(100);
     })
     .await;
     gateway
@@ -648,7 +651,8 @@ async fn a_token_that_expires_during_a_stalled_replay_still_closes_the_connectio
 #[tokio::test]
 async fn a_notification_whose_certificate_cannot_be_fetched_is_answered_with_a_retryable_5xx() {
     // Verification on; the certificate source (a loopback port nobody listens on) is down.
-    let gateway = Gateway::start(|config| config.insecure_skip_sns_verification = false).await;
+    let gateway =
+        Gateway::start(|settings| settings.bus.verify = Some(VerifySettings::default())).await;
     let timestamp = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
@@ -695,7 +699,7 @@ fn page(frame: &ServerFrame) -> (String, Vec<u64>) {
 
 #[tokio::test]
 async fn scrollback_pages_backwards_through_a_rooms_history_that_the_token_allows() {
-    let gateway = token_gateway(|config| config.send_queue_bytes = 128 * 1024).await;
+    let gateway = token_gateway(|settings| settings.clients.send_queue_bytes = 128 * 1024).await;
     let stored = gateway
         .log
         .store(&room("lobby"), (1..=30).map(|i| format!("message {i}")));

@@ -26,9 +26,9 @@ async fn slow_post(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
 
 #[tokio::test]
 async fn slow_and_forged_sns_posts_do_not_hold_up_genuine_notifications() {
-    let gateway = Gateway::start_signed(|config| {
-        config.max_sns_requests = 16;
-        config.sns_body_timeout_ms = 1_000;
+    let gateway = Gateway::start_signed(|settings| {
+        settings.bus.max_sns_requests = 16;
+        settings.bus.sns_body_timeout = Duration::from_secs(1);
     })
     .await;
     let lobby = RoomId::parse("lobby").unwrap();

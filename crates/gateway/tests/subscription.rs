@@ -11,15 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use chorus_gateway::bus::CertSource;
 use chorus_gateway::bus::{BusError, Endpoint, SnsEnvelope, SubscriptionState, TopicSubscriptions};
-use chorus_gateway::log::{LogError, MessageLog};
-use chorus_gateway::verify::CertSource;
-use chorus_gateway::{Config, Deps, GatewayError};
+use chorus_gateway::settings::VerifySettings;
+use chorus_gateway::writer_client::{LogError, MessageLog};
+use chorus_gateway::{App, Deps, GatewayError, Settings};
 use chorus_protocol::RoomId;
 use chorus_protocol::Seq;
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use common::sns::{CERT_PATH, cert_server, forger_key_and_cert, generated_key_and_cert, sign_with};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 /// How long the test waits while nothing at all happens on the fake SNS before it gives up.
@@ -123,7 +123,10 @@ impl TopicSubscriptions for FakeSns {
             .tokens
             .get(token)
             .cloned()
-            .ok_or_else(|| BusError(format!("unknown token {token}")))?;
+            .ok_or_else(|| BusError::Aws {
+                call: "ConfirmSubscription",
+                source: format!("unknown token {token}").into(),
+            })?;
         state.confirmed.insert(arn);
         Ok(())
     }
@@ -224,24 +227,30 @@ async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
         topic,
         format!("http://localhost.localstack.cloud:4566{CERT_PATH}"),
     );
-    let mut config = Config::new(topic, "http://127.0.0.1:9");
-    config.insecure_dev_users = true;
-    config.sns_cert_mirror = Some(mirror.clone());
-    config.subscribe_timeout_ms = timeout_ms;
-    config.subscribe_attempts = attempts;
+    let mut settings = Settings::new(topic, "http://127.0.0.1:9".parse().unwrap());
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.auth.dev_users = true;
+    settings.bus.verify = Some(VerifySettings {
+        cert_mirror: Some(mirror.parse().unwrap()),
+        ..VerifySettings::default()
+    });
+    settings.bus.subscribe_timeout = Duration::from_millis(timeout_ms);
+    settings.bus.subscribe_attempts = attempts;
     let deps = Deps {
         log: Arc::new(NoWriter),
         subscriptions: Arc::clone(&sns) as Arc<dyn TopicSubscriptions>,
         certs: CertSource::Mirror {
-            base: mirror,
+            base: mirror.parse().unwrap(),
             sign_as: None,
         },
         sqs: None,
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let app = App::build(settings, deps)
+        .await
+        .expect("the gateway builds");
+    let addr = app.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(chorus_gateway::run(listener, config, deps, async {
+    let run = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     Started {

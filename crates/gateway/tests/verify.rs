@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_gateway::bus::SnsEnvelope;
-use chorus_gateway::verify::{CertSource, Verifier, VerifyError, string_to_sign};
+use chorus_gateway::bus::{CertSource, Verifier, VerifyError, string_to_sign};
 use common::sns::{cert_server, forger_key_and_cert, sign, sign_with};
 
 const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:chorus";
@@ -22,7 +22,7 @@ async fn verifier() -> (Verifier, Arc<AtomicUsize>) {
         TOPIC,
         Duration::from_secs(3600),
         CertSource::Mirror {
-            base,
+            base: base.parse().unwrap(),
             sign_as: None,
         },
     )

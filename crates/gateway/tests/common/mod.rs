@@ -13,13 +13,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use chorus_gateway::bus::ConfirmedAtOnce;
-use chorus_gateway::log::{LogError, MessageLog};
-use chorus_gateway::verify::CertSource;
-use chorus_gateway::{Config, Deps};
+use chorus_gateway::bus::CertSource;
+use chorus_gateway::settings::VerifySettings;
+use chorus_gateway::test_support::ConfirmedAtOnce;
+use chorus_gateway::writer_client::{LogError, MessageLog};
+use chorus_gateway::{App, Deps, Settings};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{BusPayload, MessageEvent, RoomId, Seq};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -202,19 +202,19 @@ pub(crate) struct Gateway {
 impl Gateway {
     /// Starts a gateway with test defaults, adjusted by `configure`, and waits until `/readyz`
     /// says it is ready.
-    pub(crate) async fn start(configure: impl FnOnce(&mut Config)) -> Gateway {
+    pub(crate) async fn start(configure: impl FnOnce(&mut Settings)) -> Gateway {
         // Nothing listens at the certificate mirror: a test that switches verification on
         // never reaches out for a certificate, and sees the fetch fail.
         Self::start_with(configure, "http://127.0.0.1:9".into(), false).await
     }
 
     /// A gateway that verifies every SNS post, fed by a log that signs its notifications.
-    pub(crate) async fn start_signed(configure: impl FnOnce(&mut Config)) -> Gateway {
+    pub(crate) async fn start_signed(configure: impl FnOnce(&mut Settings)) -> Gateway {
         let (certs, _fetches) = sns::cert_server().await;
         Self::start_with(
-            |config| {
-                config.insecure_skip_sns_verification = false;
-                configure(config);
+            |settings| {
+                settings.bus.verify = Some(VerifySettings::default());
+                configure(settings);
             },
             certs,
             true,
@@ -223,18 +223,16 @@ impl Gateway {
     }
 
     async fn start_with(
-        configure: impl FnOnce(&mut Config),
+        configure: impl FnOnce(&mut Settings),
         cert_mirror: String,
         signed: bool,
     ) -> Gateway {
-        let mut config = Config::new(TOPIC, "http://127.0.0.1:9");
-        config.insecure_skip_sns_verification = true;
-        config.insecure_dev_users = true;
-        configure(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let mut settings = Settings::new(TOPIC, "http://127.0.0.1:9".parse().unwrap());
+        settings.listen = "127.0.0.1:0".parse().unwrap();
+        settings.bus.verify = None;
+        settings.auth.dev_users = true;
+        configure(&mut settings);
         let log = Arc::new(MemoryLog::default());
-        log.sns_url.set(format!("http://{addr}/sns")).unwrap();
         log.signed
             .store(signed, std::sync::atomic::Ordering::Relaxed);
         let deps = Deps {
@@ -243,14 +241,19 @@ impl Gateway {
                 subscription_arn: format!("{TOPIC}:subscription"),
             }),
             certs: CertSource::Mirror {
-                base: cert_mirror,
+                base: cert_mirror.parse().unwrap(),
                 sign_as: None,
             },
             sqs: None,
         };
+        let app = App::build(settings, deps)
+            .await
+            .expect("the gateway builds");
+        let addr = app.local_addr().unwrap();
+        log.sns_url.set(format!("http://{addr}/sns")).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            chorus_gateway::run(listener, config, deps, async {
+            app.run_until(async {
                 let _ = stopped.await;
             })
             .await

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::routing::get;
 use base64::Engine as _;
 use chorus_gateway::bus::SnsEnvelope;
-use chorus_gateway::verify::string_to_sign;
+use chorus_gateway::bus::string_to_sign;
 use rsa::pkcs1v15::SigningKey;
 use rsa::pkcs8::DecodePrivateKey as _;
 use rsa::signature::{SignatureEncoding as _, Signer as _};

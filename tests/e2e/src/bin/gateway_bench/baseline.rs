@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Frames a connection may fall behind before it is closed (the gateway's `--send-queue`).
 const QUEUE: usize = 512;
-/// The gateway's per-connection buffers (crates/gateway/src/routes.rs).
+/// The gateway's per-connection buffers (crates/gateway/src/http/ws.rs).
 const READ_BUFFER_BYTES: usize = 2 * 1024;
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;

@@ -1,4 +1,4 @@
-//! Role `serve-gateway`: the real gateway (`chorus_gateway::run`) on `127.0.0.1:0`, with no
+//! Role `serve-gateway`: the real gateway (`chorus_gateway::App`) on `127.0.0.1:0`, with no
 //! writer and no SNS: a message log that is always empty (every room's head is 0, so a room's
 //! first bus message is seq 1) and a subscription that is confirmed at once. SNS verification
 //! is off, so the load generator posts plain SNS envelopes to `/sns`, and clients name
@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_gateway::bus::ConfirmedAtOnce;
-use chorus_gateway::log::{LogError, MessageLog};
-use chorus_gateway::verify::CertSource;
-use chorus_gateway::{Config, Deps};
+use chorus_gateway::bus::CertSource;
+use chorus_gateway::test_support::ConfirmedAtOnce;
+use chorus_gateway::writer_client::{LogError, MessageLog};
+use chorus_gateway::{App, Deps, Settings};
 use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{RoomId, Seq};
-use tokio::net::TcpListener;
 
 /// The topic the bench's gateways accept notifications of.
 pub(crate) const TOPIC_ARN: &str = "arn:aws:sns:us-east-1:000000000000:chorus-gateway-bench";
@@ -24,7 +23,10 @@ struct EmptyLog;
 #[async_trait::async_trait]
 impl MessageLog for EmptyLog {
     async fn append(&self, _: &RoomId, _: &SendRequest) -> Result<SendResponse, LogError> {
-        Err(LogError::Refused("the gateway bench has no writer".into()))
+        Err(LogError::Refused {
+            status: 501,
+            message: "the gateway bench has no writer".into(),
+        })
     }
 
     async fn history(&self, _: &RoomId, _: Seq, _: u32) -> Result<HistoryPage, LogError> {
@@ -52,12 +54,11 @@ pub(crate) async fn serve() -> anyhow::Result<()> {
         log_format: chorus_service::LogFormat::Text,
         log: std::env::var("CHORUS_LOG").unwrap_or_else(|_| "error".into()),
     })?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let mut config = Config::new(TOPIC_ARN, "http://127.0.0.1:9");
-    config.insecure_skip_sns_verification = true;
-    config.insecure_dev_users = true;
-    config.drain_timeout_ms = 1_000;
+    let mut settings = Settings::new(TOPIC_ARN, "http://127.0.0.1:9".parse()?);
+    settings.listen = "127.0.0.1:0".parse()?;
+    settings.bus.verify = None;
+    settings.auth.dev_users = true;
+    settings.drain_timeout = Duration::from_secs(1);
     let deps = Deps {
         log: Arc::new(EmptyLog),
         subscriptions: Arc::new(ConfirmedAtOnce {
@@ -66,12 +67,9 @@ pub(crate) async fn serve() -> anyhow::Result<()> {
         certs: CertSource::Aws,
         sqs: None,
     };
-    let gateway = tokio::spawn(chorus_gateway::run(
-        listener,
-        config,
-        deps,
-        crate::stdin_closed(),
-    ));
+    let app = App::build(settings, deps).await?;
+    let addr = app.local_addr()?;
+    let gateway = tokio::spawn(app.run_until(crate::stdin_closed()));
     let readyz = format!("http://{addr}/readyz");
     let http = reqwest::Client::new();
     for _ in 0..100 {

@@ -2,24 +2,19 @@
 
 use tokio::time::Instant;
 
-/// A sustained rate and the burst allowed above it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub per_sec: u32,
-    pub burst: u32,
-}
+pub(crate) use crate::settings::Rate;
 
 /// A token bucket; the [`Rate`] is passed in on each take, so a connection stores only its
 /// level and the time of the last take.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     tokens: f64,
     last: Instant,
 }
 
 impl TokenBucket {
     /// A full bucket: a new connection may burst at once.
-    pub fn full(rate: Rate, now: Instant) -> Self {
+    pub(crate) fn full(rate: Rate, now: Instant) -> Self {
         TokenBucket {
             tokens: f64::from(rate.burst),
             last: now,
@@ -27,7 +22,7 @@ impl TokenBucket {
     }
 
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, rate: Rate, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, rate: Rate, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * f64::from(rate.per_sec)).min(f64::from(rate.burst));
         self.last = now;

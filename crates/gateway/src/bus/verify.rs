@@ -40,8 +40,10 @@ use rsa::signature::Verifier as _;
 use x509_cert::Certificate;
 use x509_cert::der::{DecodePem as _, Encode as _};
 
-use crate::bus::SnsEnvelope;
-use crate::certs::{CertCacheSettings, CertMetrics, KeyCache};
+use super::certs::{CertCacheSettings, CertMetrics, KeyCache};
+use super::envelope::SnsEnvelope;
+use crate::Chain;
+use crate::settings::HttpUrl;
 
 /// Largest certificate accepted, in bytes.
 const MAX_CERT_BYTES: usize = 16 * 1024;
@@ -55,7 +57,7 @@ pub enum CertSource {
     /// that serves the certificate itself. With `sign_as`, the request carries a SigV4 signature
     /// for service `sns` in that region.
     Mirror {
-        base: String,
+        base: HttpUrl,
         sign_as: Option<(SharedCredentialsProvider, String)>,
     },
 }
@@ -174,7 +176,7 @@ impl Verifier {
             }
             CertSource::Mirror { base, .. } => {
                 let path = check_mirrored_cert_url(cert_url)?;
-                format!("{}{path}", base.trim_end_matches('/'))
+                format!("{}{path}", base.base())
             }
         };
         let signature = message
@@ -250,9 +252,11 @@ impl Verifier {
             ..
         } = &self.inner.source
         {
+            // The reason is cached and shared with every waiter (VerifyError is Clone): the
+            // cause chain goes into its text.
             for (name, value) in sigv4_headers(url, credentials, region)
                 .await
-                .map_err(|e| fetch_err(&e))?
+                .map_err(|e| fetch_err(&Chain(&e)))?
             {
                 request = request.header(name, value);
             }
@@ -349,7 +353,7 @@ pub fn check_cert_url(raw: &str) -> Result<(), VerifyError> {
 ///
 /// # Errors
 /// [`VerifyError::CertUrl`] saying which part is wrong.
-pub fn check_mirrored_cert_url(raw: &str) -> Result<String, VerifyError> {
+pub(crate) fn check_mirrored_cert_url(raw: &str) -> Result<String, VerifyError> {
     let refuse = |why: &str| Err(VerifyError::CertUrl(why.to_owned()));
     let url = url::Url::parse(raw).map_err(|e| VerifyError::CertUrl(format!("not a URL: {e}")))?;
     if !(url.scheme() == "https" || url.scheme() == "http") {
@@ -420,19 +424,27 @@ pub fn string_to_sign(message: &SnsEnvelope) -> Result<String, VerifyError> {
     Ok(out)
 }
 
+/// Why a certificate request could not be signed as an SNS call.
+#[derive(Debug, thiserror::Error)]
+enum SigningError {
+    #[error("no AWS credentials to sign the certificate request with")]
+    Credentials(#[from] aws_credential_types::provider::error::CredentialsError),
+    #[error("bad signing parameters")]
+    Params(#[from] aws_sigv4::sign::v4::signing_params::BuildError),
+    #[error("signing the certificate request failed")]
+    Sign(#[from] aws_sigv4::http_request::SigningError),
+}
+
 /// SigV4 headers for a GET of `url` as an SNS call (how an emulator recognizes the request).
 async fn sigv4_headers(
     url: &str,
     credentials: &SharedCredentialsProvider,
     region: &str,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, SigningError> {
     use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
     use aws_sigv4::sign::v4;
 
-    let credentials = credentials
-        .provide_credentials()
-        .await
-        .map_err(|e| e.to_string())?;
+    let credentials = credentials.provide_credentials().await?;
     let identity = credentials.into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
@@ -440,14 +452,10 @@ async fn sigv4_headers(
         .name("sns")
         .time(SystemTime::now())
         .settings(SigningSettings::default())
-        .build()
-        .map_err(|e| e.to_string())?
+        .build()?
         .into();
-    let request = SignableRequest::new("GET", url, std::iter::empty(), SignableBody::Bytes(&[]))
-        .map_err(|e| e.to_string())?;
-    let (instructions, _signature) = sign(request, &params)
-        .map_err(|e| e.to_string())?
-        .into_parts();
+    let request = SignableRequest::new("GET", url, std::iter::empty(), SignableBody::Bytes(&[]))?;
+    let (instructions, _signature) = sign(request, &params)?.into_parts();
     let (headers, _query) = instructions.into_parts();
     Ok(headers
         .into_iter()

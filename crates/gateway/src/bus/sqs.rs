@@ -9,25 +9,21 @@
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use chorus_protocol::BusPayload;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusError, SnsEnvelope};
-use crate::hub::Hub;
-use crate::metrics::GatewayMetrics;
+use super::envelope::SnsEnvelope;
+use super::inbox::{Inbox, Rejection};
+use super::{BusError, aws_error};
+use crate::Chain;
 
 /// This gateway's queue.
 #[derive(Debug, Clone)]
-pub struct GatewayQueue {
+pub(crate) struct GatewayQueue {
     client: Client,
     pub url: String,
     pub arn: String,
-}
-
-fn sqs_error<E: std::error::Error + 'static>(what: &str) -> impl FnOnce(E) -> BusError + '_ {
-    move |e| BusError(format!("{what}: {}", DisplayErrorContext(&e)))
 }
 
 impl GatewayQueue {
@@ -35,7 +31,11 @@ impl GatewayQueue {
     ///
     /// # Errors
     /// When SQS refuses.
-    pub async fn create(client: Client, name: &str, topic_arn: &str) -> Result<Self, BusError> {
+    pub(crate) async fn create(
+        client: Client,
+        name: &str,
+        topic_arn: &str,
+    ) -> Result<Self, BusError> {
         let created = client
             .create_queue()
             .queue_name(name)
@@ -45,21 +45,25 @@ impl GatewayQueue {
             .attributes(QueueAttributeName::SqsManagedSseEnabled, "true")
             .send()
             .await
-            .map_err(sqs_error("CreateQueue"))?;
-        let url = created
-            .queue_url
-            .ok_or_else(|| BusError("CreateQueue returned no URL".into()))?;
+            .map_err(aws_error("CreateQueue"))?;
+        let url = created.queue_url.ok_or(BusError::Missing {
+            call: "CreateQueue",
+            missing: "queue URL",
+        })?;
         let attributes = client
             .get_queue_attributes()
             .queue_url(&url)
             .attribute_names(QueueAttributeName::QueueArn)
             .send()
             .await
-            .map_err(sqs_error("GetQueueAttributes"))?;
+            .map_err(aws_error("GetQueueAttributes"))?;
         let arn = attributes
             .attributes
             .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-            .ok_or_else(|| BusError("the queue has no ARN".into()))?;
+            .ok_or(BusError::Missing {
+                call: "GetQueueAttributes",
+                missing: "queue ARN",
+            })?;
         let policy = queue_policy(&arn, topic_arn);
         client
             .set_queue_attributes()
@@ -67,19 +71,13 @@ impl GatewayQueue {
             .attributes(QueueAttributeName::Policy, policy.to_string())
             .send()
             .await
-            .map_err(sqs_error("SetQueueAttributes"))?;
+            .map_err(aws_error("SetQueueAttributes"))?;
         tracing::info!(queue = %url, "gateway queue created");
         Ok(GatewayQueue { client, url, arn })
     }
 
-    /// Long-polls the queue and feeds the hub until `stop` is cancelled.
-    pub async fn receive(
-        &self,
-        hub: Hub,
-        metrics: std::sync::Arc<GatewayMetrics>,
-        wait: Duration,
-        stop: CancellationToken,
-    ) {
+    /// Long-polls the queue and hands what it receives to the inbox until `stop` is cancelled.
+    pub(crate) async fn receive(&self, inbox: &Inbox, wait: Duration, stop: CancellationToken) {
         let wait_secs = i32::try_from(wait.as_secs().clamp(1, 20)).unwrap_or(20);
         loop {
             let received = tokio::select! {
@@ -95,7 +93,7 @@ impl GatewayQueue {
             let messages = match received {
                 Ok(out) => out.messages.unwrap_or_default(),
                 Err(e) => {
-                    tracing::warn!(error.message = %DisplayErrorContext(&e), "receiving from the gateway queue failed: retrying");
+                    tracing::warn!(error.message = %Chain(&e), "receiving from the gateway queue failed: retrying");
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -104,23 +102,11 @@ impl GatewayQueue {
             };
             let mut done = Vec::new();
             for (i, message) in messages.iter().enumerate() {
-                match message.body.as_deref().map(parse_body) {
-                    Some(Ok(payload)) => {
-                        metrics.bus_notifications.inc();
-                        let started = std::time::Instant::now();
-                        for event in &payload.events {
-                            metrics.bus_events_in.inc();
-                            hub.ingest(event);
-                        }
-                        metrics.fanout.observe(started.elapsed());
-                    }
-                    _ => {
-                        // Only the topic can send here; a body that is not a bus payload can
-                        // never become one: count it and drop it.
-                        metrics.bus_rejected.inc();
-                        metrics.rejected_payload.inc();
-                        tracing::warn!("gateway queue message is not a bus payload: dropped");
-                    }
+                // A body that is not a bus payload is counted and dropped (deleted): it can never
+                // become one.
+                match parse_body(message.body.as_deref().unwrap_or_default()) {
+                    Ok(payload) => inbox.deliver(&payload),
+                    Err(rejection) => inbox.rejected(&rejection),
                 }
                 if let Some(handle) = &message.receipt_handle
                     && let Ok(entry) = DeleteMessageBatchRequestEntry::builder()
@@ -141,35 +127,43 @@ impl GatewayQueue {
                     .await
             {
                 // They come back after the visibility timeout; the order layer drops them.
-                tracing::warn!(error.message = %DisplayErrorContext(&e), "deleting handled messages failed");
+                tracing::warn!(error.message = %Chain(&e), "deleting handled messages failed");
             }
         }
     }
 
     /// Deletes the queue.
-    pub async fn delete(&self) {
+    pub(crate) async fn delete(&self) {
         match self.client.delete_queue().queue_url(&self.url).send().await {
             Ok(_) => tracing::info!(queue = %self.url, "gateway queue deleted"),
             Err(e) => {
-                tracing::warn!(error.message = %DisplayErrorContext(&e), "deleting the gateway queue failed")
+                tracing::warn!(error.message = %Chain(&e), "deleting the gateway queue failed")
             }
         }
     }
 }
 
 /// A raw-delivery body is the bus payload itself; without raw delivery it is the SNS envelope.
-fn parse_body(body: &str) -> Result<BusPayload, BusError> {
-    if let Ok(payload) = BusPayload::parse(body) {
-        return Ok(payload);
-    }
-    let envelope: SnsEnvelope =
-        serde_json::from_str(body).map_err(|e| BusError(format!("not a bus payload: {e}")))?;
-    BusPayload::parse(&envelope.message).map_err(|e| BusError(e.to_string()))
+fn parse_body(body: &str) -> Result<BusPayload, Rejection> {
+    let error = match BusPayload::parse(body) {
+        Ok(payload) => return Ok(payload),
+        Err(error) => error,
+    };
+    let Ok(envelope) = serde_json::from_str::<SnsEnvelope>(body) else {
+        return Err(Rejection::NotPayload {
+            message_id: None,
+            error,
+        });
+    };
+    BusPayload::parse(&envelope.message).map_err(|error| Rejection::NotPayload {
+        message_id: None,
+        error,
+    })
 }
 
 /// A queue name for this gateway: `chorus-gw-<id>-<random>`, within SQS's 80 characters of
 /// `[A-Za-z0-9_-]`.
-pub fn queue_name(gateway_id: &str) -> String {
+pub(crate) fn queue_name(gateway_id: &str) -> String {
     let id: String = gateway_id
         .chars()
         .map(|c| {
@@ -219,7 +213,7 @@ mod tests {
     #[test]
     fn the_queue_policy_is_the_one_the_infra_checks_hold_to() {
         let expected: serde_json::Value = serde_json::from_str(include_str!(
-            "../../../infra/tests/fixtures/gateway-queue-policy.json"
+            "../../../../infra/tests/fixtures/gateway-queue-policy.json"
         ))
         .unwrap();
         let policy = super::queue_policy(

@@ -22,14 +22,14 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
 /// A frame serialized once and shared by every member it goes to.
-pub type Frame = Utf8Bytes;
+pub(crate) type Frame = Utf8Bytes;
 
 /// A close code and its reason.
-pub type Close = (u16, &'static str);
+pub(crate) type Close = (u16, &'static str);
 
 /// What the writer task sends.
 #[derive(Debug)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     Text(Frame),
     /// A heartbeat: a WebSocket ping.
     Ping,
@@ -37,7 +37,7 @@ pub enum Outbound {
 
 /// What the writer is to do next.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Send the items moved into the batch, then flush.
     Send,
     /// Send a close frame (whatever is still queued is dropped) and end.
@@ -76,19 +76,19 @@ impl Shared {
 
 /// The producer side; cheap to clone.
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     shared: Arc<Shared>,
 }
 
 /// The writer's side.
 #[derive(Debug)]
-pub struct OutboxReceiver {
+pub(crate) struct OutboxReceiver {
     shared: Arc<Shared>,
 }
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
+pub(crate) enum PushError {
     /// The frame or byte bound would be passed: the consumer is too slow.
     Full,
     /// The connection is gone.
@@ -96,7 +96,7 @@ pub enum PushError {
 }
 
 /// A queue of at most `frames` frames and `max_bytes` bytes of frames.
-pub fn outbox(frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
+pub(crate) fn outbox(frames: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
@@ -145,7 +145,7 @@ impl Outbox {
     /// [`PushError::Full`] if either bound would be passed (a single frame larger than the byte
     /// bound passes an empty queue, or a large message could reach no one),
     /// [`PushError::Closed`] if the connection is gone.
-    pub fn try_push(&self, frame: Frame) -> Result<(), PushError> {
+    pub(crate) fn try_push(&self, frame: Frame) -> Result<(), PushError> {
         let state = self.shared.lock();
         if !state.receiver_alive {
             return Err(PushError::Closed);
@@ -166,7 +166,7 @@ impl Outbox {
     ///
     /// # Errors
     /// [`PushError::Closed`] if the connection is gone.
-    pub async fn push(&self, frame: Frame) -> Result<(), PushError> {
+    pub(crate) async fn push(&self, frame: Frame) -> Result<(), PushError> {
         loop {
             let space = self.shared.space.notified();
             let mut space = std::pin::pin!(space);
@@ -191,7 +191,7 @@ impl Outbox {
     }
 
     /// Queues a heartbeat ping unless the queue is full (a full queue is not idle).
-    pub fn ping(&self) {
+    pub(crate) fn ping(&self) {
         let state = self.shared.lock();
         if !state.receiver_alive || state.queue.len() >= self.shared.max_frames {
             return;
@@ -200,7 +200,7 @@ impl Outbox {
     }
 
     /// Asks the writer to send a close frame next; the first request wins.
-    pub fn close(&self, close: Close) {
+    pub(crate) fn close(&self, close: Close) {
         let mut state = self.shared.lock();
         state.close.get_or_insert(close);
         wake_writer(state);
@@ -229,7 +229,7 @@ impl Drop for Outbox {
 impl OutboxReceiver {
     /// Waits for something to do; with [`Next::Send`], everything queued has been moved into
     /// `batch` (which should be empty on entry).
-    pub async fn next(&mut self, batch: &mut VecDeque<Outbound>) -> Next {
+    pub(crate) async fn next(&mut self, batch: &mut VecDeque<Outbound>) -> Next {
         poll_fn(|cx| {
             let mut state = self.shared.lock();
             if let Some(close) = state.close {

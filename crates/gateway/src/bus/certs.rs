@@ -22,7 +22,7 @@ use rsa::RsaPublicKey;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::verify::VerifyError;
+use super::verify::VerifyError;
 
 /// Limits of the cache.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ struct State {
 
 /// Signing keys by certificate URL. Cheap to clone.
 #[derive(Clone)]
-pub struct KeyCache {
+pub(crate) struct KeyCache {
     inner: Arc<Inner>,
 }
 
@@ -84,7 +84,7 @@ struct Inner {
 }
 
 impl KeyCache {
-    pub fn new(settings: CertCacheSettings, metrics: Arc<CertMetrics>) -> Self {
+    pub(crate) fn new(settings: CertCacheSettings, metrics: Arc<CertMetrics>) -> Self {
         KeyCache {
             inner: Arc::new(Inner {
                 state: Mutex::default(),
@@ -100,7 +100,11 @@ impl KeyCache {
     /// # Errors
     /// The fetch's error (remembered for the failure TTL), or [`VerifyError::CertFetch`] when
     /// too many fetches are under way.
-    pub async fn get<F, Fut>(&self, url: &str, fetch: F) -> Result<Arc<RsaPublicKey>, VerifyError>
+    pub(crate) async fn get<F, Fut>(
+        &self,
+        url: &str,
+        fetch: F,
+    ) -> Result<Arc<RsaPublicKey>, VerifyError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Arc<RsaPublicKey>, VerifyError>> + Send + 'static,

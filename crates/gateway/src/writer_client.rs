@@ -14,6 +14,8 @@ use chorus_protocol::api::{ApiError, HistoryPage, SendRequest, SendResponse};
 use chorus_protocol::{RoomId, Seq};
 use chorus_service::service_auth::TokenSource;
 
+use crate::settings::HttpUrl;
+
 /// The message log (the writer, over HTTP).
 #[async_trait::async_trait]
 pub trait MessageLog: Send + Sync + 'static {
@@ -47,14 +49,30 @@ pub trait MessageLog: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// Not reachable, timed out, or 5xx: worth retrying.
-    #[error("writer unavailable: {0}")]
-    Unavailable(String),
+    #[error("writer unavailable")]
+    Unavailable(#[source] Unavailable),
     /// The writer refused the request (4xx): retrying will not help.
-    #[error("writer refused the request: {0}")]
-    Refused(String),
+    #[error("writer refused the request ({status}): {message}")]
+    Refused { status: u16, message: String },
     /// The history asked for is no longer stored (410 Gone: expired by retention).
-    #[error("history expired: {0}")]
-    Expired(String),
+    #[error("history expired: {message}")]
+    Expired { message: String },
+}
+
+/// Why no writer answered a request (the last attempt's reason).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no writer configured")]
+    NoWriter,
+    /// Not reachable, or timed out.
+    #[error("calling the writer failed")]
+    Call(#[source] reqwest::Error),
+    /// A 5xx.
+    #[error("the writer answered {status}: {message}")]
+    Failing { status: u16, message: String },
+    /// A success whose body could not be read.
+    #[error("the writer's answer could not be read")]
+    BadAnswer(#[source] reqwest::Error),
 }
 
 /// [`MessageLog`] over HTTP, with bounded retries of idempotent calls.
@@ -74,16 +92,13 @@ impl WriterClient {
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(bases: &[String], timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(bases: &[HttpUrl], timeout: Duration) -> Result<Self, reqwest::Error> {
         Ok(WriterClient {
             http: reqwest::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(timeout.min(Duration::from_secs(2)))
                 .build()?,
-            bases: bases
-                .iter()
-                .map(|b| b.trim_end_matches('/').to_owned())
-                .collect(),
+            bases: bases.iter().map(|b| b.base().to_owned()).collect(),
             attempts: 3,
             auth: None,
         })
@@ -113,7 +128,7 @@ impl WriterClient {
         request: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<T, LogError> {
         let writers = self.writers_for(room);
-        let mut last = LogError::Unavailable("no writer configured".into());
+        let mut last = Unavailable::NoWriter;
         for attempt in 0..self.attempts {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -130,27 +145,28 @@ impl WriterClient {
                     return res
                         .json()
                         .await
-                        .map_err(|e| LogError::Unavailable(format!("bad answer: {e}")));
+                        .map_err(|e| LogError::Unavailable(Unavailable::BadAnswer(e)));
                 }
                 Ok(res) => {
                     let status = res.status();
-                    let detail = res
+                    let message = res
                         .json::<ApiError>()
                         .await
                         .map(|e| e.error.message)
                         .unwrap_or_default();
                     if status == reqwest::StatusCode::GONE {
-                        return Err(LogError::Expired(detail));
+                        return Err(LogError::Expired { message });
                     }
-                    if status.is_client_error() {
-                        return Err(LogError::Refused(format!("{status}: {detail}")));
+                    let status = status.as_u16();
+                    if (400..500).contains(&status) {
+                        return Err(LogError::Refused { status, message });
                     }
-                    last = LogError::Unavailable(format!("{status}: {detail}"));
+                    last = Unavailable::Failing { status, message };
                 }
-                Err(e) => last = LogError::Unavailable(e.to_string()),
+                Err(e) => last = Unavailable::Call(e),
             }
         }
-        Err(last)
+        Err(LogError::Unavailable(last))
     }
 }
 
@@ -232,7 +248,8 @@ mod tests {
     }
 
     fn client(bases: &[String]) -> WriterClient {
-        WriterClient::new(bases, Duration::from_secs(2)).unwrap()
+        let bases: Vec<HttpUrl> = bases.iter().map(|b| b.parse().unwrap()).collect();
+        WriterClient::new(&bases, Duration::from_secs(2)).unwrap()
     }
 
     #[test]

@@ -11,7 +11,7 @@ use chorus_protocol::Seq;
 
 /// What happened to an offered item.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Offer<T> {
+pub(crate) enum Offer<T> {
     /// These items, in seq order, are next: deliver them now (the offered one and any held ones it
     /// unblocked).
     Deliver(Vec<T>),
@@ -25,7 +25,7 @@ pub enum Offer<T> {
 
 /// The ordering state of one room.
 #[derive(Debug)]
-pub struct RoomOrder<T> {
+pub(crate) struct RoomOrder<T> {
     /// Last seq delivered; `None` until the room's head is learned from the writer.
     head: Option<Seq>,
     held: BTreeMap<Seq, T>,
@@ -36,7 +36,7 @@ pub struct RoomOrder<T> {
 
 impl<T> RoomOrder<T> {
     /// A room whose head is not known yet: everything offered is held until [`Self::start_at`].
-    pub fn new(max_held: usize) -> Self {
+    pub(crate) fn new(max_held: usize) -> Self {
         RoomOrder {
             head: None,
             held: BTreeMap::new(),
@@ -46,14 +46,14 @@ impl<T> RoomOrder<T> {
     }
 
     /// The last seq delivered, if known.
-    pub fn head(&self) -> Option<Seq> {
+    pub(crate) fn head(&self) -> Option<Seq> {
         self.head
     }
 
     /// Sets the head (the room's latest seq according to the writer) if it was not known, and
     /// returns the held items that follow it. Items at or below the head are dropped: they were
     /// stored before this gateway started following the room.
-    pub fn start_at(&mut self, head: Seq) -> Vec<T> {
+    pub(crate) fn start_at(&mut self, head: Seq) -> Vec<T> {
         if self.head.is_some() {
             return Vec::new();
         }
@@ -63,7 +63,7 @@ impl<T> RoomOrder<T> {
     }
 
     /// Offers the item with seq `seq`.
-    pub fn offer(&mut self, seq: Seq, item: T) -> Offer<T> {
+    pub(crate) fn offer(&mut self, seq: Seq, item: T) -> Offer<T> {
         self.highest_seen = self.highest_seen.max(seq);
         if self.head.is_some_and(|head| seq <= head) || self.held.contains_key(&seq) {
             return Offer::Duplicate;
@@ -90,7 +90,7 @@ impl<T> RoomOrder<T> {
     /// The missing range `(after, before)`: seqs `after+1 ..= before-1` have not arrived but a
     /// later one has (held, or dropped because the buffer was full). `None` when nothing is
     /// missing or the head is unknown.
-    pub fn gap(&self) -> Option<(Seq, Seq)> {
+    pub(crate) fn gap(&self) -> Option<(Seq, Seq)> {
         let head = self.head?;
         match self.held.first_key_value() {
             Some((&first, _)) => Some((head, first)),
@@ -101,12 +101,13 @@ impl<T> RoomOrder<T> {
 
     /// Records that `seq` exists (the writer says so) even though it has not arrived: if it is
     /// above the head, [`Self::gap`] reports the hole up to it.
-    pub fn note_exists(&mut self, seq: Seq) {
+    pub(crate) fn note_exists(&mut self, seq: Seq) {
         self.highest_seen = self.highest_seen.max(seq);
     }
 
     /// Number of items held.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
         self.held.len()
     }
 
