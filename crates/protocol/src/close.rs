@@ -20,7 +20,9 @@ pub const GATEWAY_FULL: u16 = 4004;
 /// Nothing was heard from the client (not even a pong) within the idle timeout: reconnect and
 /// resume.
 pub const IDLE_TIMEOUT: u16 = 4005;
-/// The client broke the protocol in a way that ends the connection (e.g. a binary frame).
+/// The client broke the protocol in a way that ends the connection. Reserved: this version
+/// never sends it (a malformed or binary frame gets a `bad_frame` error and the connection stays
+/// open), but clients must already treat it, and every code in 4500–4999, as final.
 pub const PROTOCOL_VIOLATION: u16 = 4500;
 
 /// Whether a client should reconnect and resume after this close code.
