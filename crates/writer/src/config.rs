@@ -1,4 +1,5 @@
-//! The writer's configuration, parsed once from flags and `CHORUS_*` environment variables.
+//! The writer's command line ([`Cli`], flags and `CHORUS_*` environment variables) and the
+//! [`Settings`] it is turned into (`TryFrom<&Config>`), which refuse what breaks a promise.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,7 +7,7 @@ use std::time::Duration;
 
 use chorus_service::LogArgs;
 
-use crate::store::{InvalidSettings, Settings};
+use crate::store::{InvalidSettings, Settings as StoreSettings};
 
 /// `chorus-writer [serve] …` or `chorus-writer create-table …`.
 #[derive(Debug, clap::Parser)]
@@ -111,13 +112,42 @@ pub struct Config {
     pub log: LogArgs,
 }
 
+/// What a serving writer needs, checked: [`crate::App::build`] takes it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the API is served.
+    pub listen: SocketAddr,
+    /// Where `/metrics` is served too, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The service keys callers sign their tokens with (the first signs `mint-token`'s).
+    pub service_key_files: Vec<PathBuf>,
+    /// The DynamoDB table holding messages.
+    pub table: String,
+    /// Retention and the dedupe window.
+    pub store: StoreSettings,
+}
+
+impl TryFrom<&Config> for Settings {
+    type Error = InvalidSettings;
+
+    fn try_from(config: &Config) -> Result<Settings, InvalidSettings> {
+        Ok(Settings {
+            listen: config.listen,
+            metrics_listen: config.metrics_listen,
+            service_key_files: config.service_key_file.clone(),
+            table: config.table.clone(),
+            store: config.settings()?,
+        })
+    }
+}
+
 impl Config {
     /// The store settings, checked.
     ///
     /// # Errors
     /// [`InvalidSettings`] naming the setting that does not make sense.
-    pub fn settings(&self) -> Result<Settings, InvalidSettings> {
-        let settings = Settings {
+    pub fn settings(&self) -> Result<StoreSettings, InvalidSettings> {
+        let settings = StoreSettings {
             retention: self.retention,
             dedupe_window: self.dedupe_window,
             dedupe_window_messages: self.dedupe_window_messages,
@@ -168,6 +198,30 @@ mod tests {
         assert_eq!(settings.retention, Duration::from_secs(3 * 86_400));
         assert_eq!(settings.dedupe_window, Duration::from_secs(600));
         assert_eq!(settings.dedupe_window_messages, 10_000);
+    }
+
+    #[test]
+    fn the_serving_settings_carry_every_flag_and_refuse_what_breaks_a_promise() {
+        let config = Cli::parse_from([
+            "chorus-writer",
+            "--listen",
+            "127.0.0.1:9000",
+            "--table",
+            "t1",
+            "--service-key-file",
+            "/k1,/k2",
+        ])
+        .config;
+        let settings = Settings::try_from(&config).unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(settings.table, "t1");
+        assert_eq!(
+            settings.service_key_files,
+            [PathBuf::from("/k1"), PathBuf::from("/k2")]
+        );
+        assert_eq!(settings.store, StoreSettings::default());
+        let short = Cli::parse_from(["chorus-writer", "--retention", "30m"]).config;
+        assert!(Settings::try_from(&short).is_err());
     }
 
     #[test]

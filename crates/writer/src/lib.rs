@@ -2,7 +2,7 @@
 //! (1, 2, 3 …), commits each room's concurrent sends together (one conditional write per batch),
 //! recognizes retries within its dedupe window, and serves history pages to gateways.
 //!
-//! [`App`] is the service: [`App::build`] makes the production writer from its [`Config`]
+//! [`App`] is the service: [`App::build`] makes the production writer from its [`Settings`]
 //! (listeners bound, keys read, the table checked), [`App::new`] one over any store (tests and
 //! benches, on `127.0.0.1:0`), and [`App::run_until`] serves until shutdown.
 
@@ -19,18 +19,16 @@ use std::sync::Arc;
 use chorus_service::service_auth::{KeyError, ServiceKeys};
 use tokio::net::TcpListener;
 
-pub use config::Config;
+pub use config::{Config, Settings};
 pub use error::ApiError;
 pub use routes::OPENAPI;
 
 use crate::routes::{AppState, router};
-use crate::store::{DynamoStore, DynamoTable, InvalidSettings, MessageStore};
+use crate::store::{DynamoStore, DynamoTable, MessageStore};
 
 /// Why the writer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("invalid settings")]
-    Settings(#[from] InvalidSettings),
     #[error(
         "reading the service keys (--service-key-file, CHORUS_SERVICE_KEY_FILE: the keys the \
          writer's callers sign their tokens with)"
@@ -58,19 +56,19 @@ pub struct App {
 }
 
 impl App {
-    /// The production writer of `config`: reads the service keys, binds the listeners, and
+    /// The production writer of `settings`: reads the service keys, binds the listeners, and
     /// checks that the DynamoDB table (from the environment's AWS configuration) is one it can
     /// read, so a misconfigured writer fails at start, not at the first send.
     ///
     /// # Errors
     /// [`BuildError`] naming what is missing or wrong.
-    pub async fn build(config: &Config) -> Result<App, BuildError> {
-        let settings = config.settings()?;
-        let keys = ServiceKeys::from_files(&config.service_key_file).map_err(BuildError::Keys)?;
+    pub async fn build(settings: Settings) -> Result<App, BuildError> {
+        let keys =
+            ServiceKeys::from_files(&settings.service_key_files).map_err(BuildError::Keys)?;
         let client = aws_sdk_dynamodb::Client::new(&chorus_service::load_aws_config().await);
-        let table = DynamoTable::new(client, &config.table);
+        let table = DynamoTable::new(client, &settings.table);
         table.check().await.map_err(|source| BuildError::Table {
-            table: config.table.clone(),
+            table: settings.table.clone(),
             source,
         })?;
         let bind = |addr: SocketAddr| async move {
@@ -78,12 +76,12 @@ impl App {
                 .await
                 .map_err(|source| BuildError::Bind { addr, source })
         };
-        let listener = bind(config.listen).await?;
-        let metrics_listener = match config.metrics_listen {
+        let listener = bind(settings.listen).await?;
+        let metrics_listener = match settings.metrics_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        let store = Arc::new(DynamoStore::new(table, settings));
+        let store = Arc::new(DynamoStore::new(table, settings.store));
         let app = App::new(listener, store, Arc::new(keys));
         Ok(match metrics_listener {
             Some(metrics) => app.with_metrics_listener(metrics),

@@ -1,6 +1,6 @@
 use anyhow::Context as _;
 use chorus_writer::config::{Cli, Command};
-use chorus_writer::{App, cli};
+use chorus_writer::{App, Settings, cli};
 use clap::Parser as _;
 
 #[tokio::main]
@@ -9,7 +9,9 @@ async fn main() -> anyhow::Result<()> {
     chorus_service::init_tracing(&config.log)?;
     match command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let app = App::build(&config).await?;
+            // Bad settings stop the writer before it touches AWS.
+            let settings = Settings::try_from(&config).context("invalid settings")?;
+            let app = App::build(settings).await?;
             chorus_service::systemd::spawn_watchdog();
             chorus_service::systemd::ready();
             let shutdown = async {
