@@ -57,11 +57,26 @@ impl Running {
     /// # Errors
     /// When it does not build.
     pub async fn start(settings: Settings, deps: Deps) -> Result<Running, GatewayError> {
+        Self::start_until(settings, deps, std::future::pending()).await
+    }
+
+    /// [`Running::start`], and the gateway also drains when `shutdown` completes.
+    ///
+    /// # Errors
+    /// When it does not build.
+    pub async fn start_until(
+        settings: Settings,
+        deps: Deps,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Running, GatewayError> {
         let app = App::build(settings, deps).await?;
         let addr = app.local_addr().expect("a bound listener has an address");
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
+            tokio::select! {
+                _ = stopped => {}
+                () = shutdown => {}
+            }
         }));
         Ok(Running {
             addr,

@@ -20,7 +20,10 @@ use chorus_client::{
 };
 use chorus_e2e::faults::{FaultPlan, FaultyIngress};
 use chorus_e2e::proxy::{ProxyOptions, TcpProxy};
-use chorus_e2e::{Service, Stack, aws, writer_http};
+use chorus_e2e::{Service, Stack, writer_http};
+use chorus_testkit::emulator::aws;
+use chorus_testkit::tokens::{TokenIssuer, unix_now};
+use chorus_testkit::wait::idle_limit;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -126,14 +129,6 @@ impl Scenario {
 }
 
 // ---- progress --------------------------------------------------------------------------------
-
-fn idle_limit() -> Duration {
-    let ms = std::env::var("CHORUS_TEST_IDLE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30_000);
-    Duration::from_millis(ms)
-}
 
 /// Anything that happened (a client event); waits give up only when this stops moving.
 #[derive(Clone)]
@@ -646,71 +641,6 @@ async fn delete_stored(table: &str, room: &RoomId, seqs: &[u64]) {
     }
 }
 
-/// A secret for client tokens (HS256), and a way to mint them as an auth service would.
-struct TokenIssuer {
-    secret_file: std::path::PathBuf,
-    secret: String,
-}
-
-impl TokenIssuer {
-    fn new() -> TokenIssuer {
-        let secret = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
-        let secret_file = std::env::temp_dir().join(format!(
-            "chorus-conformance-jwt-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::write(&secret_file, &secret).expect("writing the JWT secret");
-        TokenIssuer {
-            secret_file,
-            secret,
-        }
-    }
-
-    fn gateway_flags(&self) -> Vec<String> {
-        vec![
-            "--jwt-secret-file".into(),
-            self.secret_file.to_string_lossy().into_owned(),
-            "--jwt-leeway-secs".into(),
-            "0".into(),
-        ]
-    }
-
-    /// A token for `sub` and `room`, valid for `ttl` (whole seconds, as JWTs count).
-    fn mint(&self, sub: &str, room: &RoomId, ttl: Duration) -> String {
-        let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
-        let now = unix_now();
-        let claims = serde_json::json!({
-            "sub": sub,
-            "rooms": [room.as_str()],
-            "iat": now,
-            "exp": now + ttl.as_secs(),
-        });
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
-        )
-        .expect("an HS256 token")
-    }
-}
-
-impl Drop for TokenIssuer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.secret_file);
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
 /// `ws://…/ws` of a gateway, for clients with tokens.
 fn ws_url(gateway: &Service) -> String {
     format!("ws://{}/ws", gateway.addr)
@@ -1098,7 +1028,7 @@ async fn token_expiry() {
     let old_expiry;
     let client = {
         let (issuer, refreshed, room) = (Arc::clone(&issuer), Arc::clone(&refreshed), room.clone());
-        let token = issuer.mint("carol", &room, ttl);
+        let token = issuer.mint("carol", &[room.as_str()], ttl);
         old_expiry = unix_now() + ttl.as_secs();
         Recorder::start(
             "client",
@@ -1109,17 +1039,17 @@ async fn token_expiry() {
                 s.set_token(Some(token));
                 s.set_token_source(move || {
                     refreshed.fetch_add(1, Ordering::SeqCst);
-                    let token = issuer.mint("carol", &room, Duration::from_secs(3600));
+                    let token = issuer.mint("carol", &[room.as_str()], Duration::from_secs(3600));
                     async move { Ok::<_, std::io::Error>(token) }
                 });
             },
         )
     };
-    let stubborn_token = issuer.mint("stu", &room, ttl);
+    let stubborn_token = issuer.mint("stu", &[room.as_str()], ttl);
     let stubborn = Recorder::start("stubborn", vec![url.clone()], &scenario, &progress, |s| {
         s.set_token(Some(stubborn_token));
     });
-    let sender_token = issuer.mint("sam", &room, Duration::from_secs(3600));
+    let sender_token = issuer.mint("sam", &[room.as_str()], Duration::from_secs(3600));
     let sender = Recorder::start("sender", vec![url.clone()], &scenario, &progress, |s| {
         s.set_token(Some(sender_token));
     });
