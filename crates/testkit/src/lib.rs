@@ -2,6 +2,7 @@
 //! gateway's and the writer's integration tests, the end-to-end tests and the benchmarks. A
 //! dev-only crate (`publish = false`): no service binary depends on it.
 //!
+//! - [`fake_gateway`]: a scripted stand-in for a gateway, for the client libraries' tests.
 //! - [`gateway`]: a gateway in this process with no writer and no SNS: an in-memory log whose
 //!   appends come back over the gateway's own `/sns`, as SNS delivers them.
 //! - [`sns`]: SNS envelopes as SNS posts them, signed with a key and certificate generated for
@@ -16,6 +17,7 @@
 //! behind its `test-support` feature, so that the gateway's unit tests use the same ones.
 
 pub mod emulator;
+pub mod fake_gateway;
 pub mod gateway;
 pub mod logs;
 pub mod sns;
