@@ -231,7 +231,12 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(
+    fn start(name: &str, urls: Vec<String>, scenario: &Scenario, progress: &Progress) -> Recorder {
+        Recorder::start_configured(name, urls, scenario, progress, |_| {})
+    }
+
+    /// [`Recorder::start`], with `configure` called on the session first.
+    fn start_configured(
         name: &str,
         urls: Vec<String>,
         scenario: &Scenario,
@@ -708,14 +713,12 @@ async fn gateway_fails_mid_stream(scenario: &Scenario, kill: bool) {
         vec![stack.gateways[0].ws("receiver"), gate.ws("receiver")],
         scenario,
         &progress,
-        |_| {},
     );
     let sender = Recorder::start(
         "sender",
         vec![stack.gateways[1].ws("sender")],
         scenario,
         &progress,
-        |_| {},
     );
     receiver.join(&room, None).await;
     sender.join(&room, None).await;
@@ -798,14 +801,14 @@ async fn slow_network() {
     };
     let proxy = TcpProxy::start(g0.addr, options).await.expect("a proxy");
     let room = scenario.room();
-    let client = Recorder::start(
+    let client = Recorder::start_configured(
         "client",
         vec![proxy.ws("client"), g1.ws("client")],
         &scenario,
         &progress,
         |s| s.set_request_timeout(Duration::from_millis(request_timeout_ms)),
     );
-    let other = Recorder::start("other", vec![g1.ws("other")], &scenario, &progress, |_| {});
+    let other = Recorder::start("other", vec![g1.ws("other")], &scenario, &progress);
     client.join(&room, None).await;
     other.join(&room, None).await;
     tokio::join!(
@@ -871,13 +874,7 @@ async fn reconnect_mid_send() {
             }
         }),
     );
-    let receiver = Recorder::start(
-        "receiver",
-        vec![g1.ws("receiver")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let receiver = Recorder::start("receiver", vec![g1.ws("receiver")], &scenario, &progress);
     client.join(&room, None).await;
     receiver.join(&room, None).await;
     let mut ids = Vec::new();
@@ -933,20 +930,8 @@ async fn duplicate_ack() {
     };
     let proxy = TcpProxy::start(g0.addr, options).await.expect("a proxy");
     let room = scenario.room();
-    let client = Recorder::start(
-        "client",
-        vec![proxy.ws("client")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
-    let receiver = Recorder::start(
-        "receiver",
-        vec![g0.ws("receiver")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let client = Recorder::start("client", vec![proxy.ws("client")], &scenario, &progress);
+    let receiver = Recorder::start("receiver", vec![g0.ws("receiver")], &scenario, &progress);
     client.join(&room, None).await;
     receiver.join(&room, None).await;
     let acks = client
@@ -1030,7 +1015,7 @@ async fn token_expiry() {
         let (issuer, refreshed, room) = (Arc::clone(&issuer), Arc::clone(&refreshed), room.clone());
         let token = issuer.mint("carol", &[room.as_str()], ttl);
         old_expiry = unix_now() + ttl.as_secs();
-        Recorder::start(
+        Recorder::start_configured(
             "client",
             vec![url.clone()],
             &scenario,
@@ -1046,13 +1031,15 @@ async fn token_expiry() {
         )
     };
     let stubborn_token = issuer.mint("stu", &[room.as_str()], ttl);
-    let stubborn = Recorder::start("stubborn", vec![url.clone()], &scenario, &progress, |s| {
-        s.set_token(Some(stubborn_token));
-    });
+    let stubborn =
+        Recorder::start_configured("stubborn", vec![url.clone()], &scenario, &progress, |s| {
+            s.set_token(Some(stubborn_token));
+        });
     let sender_token = issuer.mint("sam", &[room.as_str()], Duration::from_secs(3600));
-    let sender = Recorder::start("sender", vec![url.clone()], &scenario, &progress, |s| {
-        s.set_token(Some(sender_token));
-    });
+    let sender =
+        Recorder::start_configured("sender", vec![url.clone()], &scenario, &progress, |s| {
+            s.set_token(Some(sender_token));
+        });
     client.join(&room, None).await;
     stubborn.join(&room, None).await;
     sender.join(&room, None).await;
@@ -1133,13 +1120,7 @@ async fn history_expired() {
     let stack = Stack::start(1).await.expect("the stack starts");
     let g0 = &stack.gateways[0];
     let room = scenario.room();
-    let sender = Recorder::start(
-        "sender",
-        vec![g0.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let sender = Recorder::start("sender", vec![g0.ws("sender")], &scenario, &progress);
     sender.join(&room, None).await;
     sender
         .send_in_turn(&room, stored_count, "old", async |_, _| {})
@@ -1148,13 +1129,7 @@ async fn history_expired() {
     sender.receive(&room, stored_count as usize).await;
     delete_stored(&stack.table, &room, &deleted).await;
 
-    let client = Recorder::start(
-        "client",
-        vec![g0.ws("client")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let client = Recorder::start("client", vec![g0.ws("client")], &scenario, &progress);
     let joined = client.join(&room, Some(Seq(0))).await;
     assert_eq!(
         joined,
@@ -1230,15 +1205,8 @@ async fn resync() {
         vec![g0.ws("client"), g1.ws("client")],
         &scenario,
         &progress,
-        |_| {},
     );
-    let sender = Recorder::start(
-        "sender",
-        vec![g1.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let sender = Recorder::start("sender", vec![g1.ws("sender")], &scenario, &progress);
     client.join(&room, None).await;
     sender.join(&room, None).await;
     sender
@@ -1321,20 +1289,8 @@ async fn resume_codes() {
         .await
         .expect("a proxy");
     let room = scenario.room();
-    let client = Recorder::start(
-        "client",
-        vec![proxy.ws("client")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
-    let sender = Recorder::start(
-        "sender",
-        vec![g0.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let client = Recorder::start("client", vec![proxy.ws("client")], &scenario, &progress);
+    let sender = Recorder::start("sender", vec![g0.ws("sender")], &scenario, &progress);
     client.join(&room, None).await;
     sender.join(&room, None).await;
     let mut sent = 0;
@@ -1420,13 +1376,7 @@ async fn scrollback() {
         .await
         .expect("a proxy");
     let room = scenario.room();
-    let sender = Recorder::start(
-        "sender",
-        vec![g0.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let sender = Recorder::start("sender", vec![g0.ws("sender")], &scenario, &progress);
     sender.join(&room, None).await;
     sender
         .send_in_turn(&room, messages, "scroll", async |_, _| {})
@@ -1434,13 +1384,7 @@ async fn scrollback() {
     let stored = history(&stack, &room, 0).await;
     assert_eq!(stored.len() as u64, messages);
 
-    let reader = Recorder::start(
-        "reader",
-        vec![proxy.ws("reader")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let reader = Recorder::start("reader", vec![proxy.ws("reader")], &scenario, &progress);
     let newest = reader.ask_history(&room, None, limit).await;
     let mut pages = vec![(None, reader.page(&newest).await)];
 
