@@ -2,14 +2,10 @@
 //! posted while it is reconnecting shows up once, and a line typed just before the end of input
 //! is delivered before it exits.
 
-// The scripted gateway of chorus-client's own tests.
-#[path = "../../client/tests/common/mod.rs"]
-mod common;
-
 use std::process::Stdio;
 
 use chorus_protocol::RoomId;
-use common::{FakeGateway, WAIT};
+use chorus_testkit::fake_gateway::{FakeGateway, WAIT};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{ChildStderr, ChildStdout, Command};
 

@@ -4,15 +4,13 @@
 //! message once and in order whatever the gateway sends, leaves a silent connection, refreshes
 //! its token, stops when told to, and bounds what it keeps.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_client::{Backoff, ClientError, Event, Session};
 use chorus_protocol::{ClientFrame, ErrorCode, PageLimit, RoomId, Seq};
-use common::{FakeGateway, SendPolicy, WAIT};
+use chorus_testkit::fake_gateway::{FakeGateway, SendPolicy, WAIT};
 
 fn lobby() -> RoomId {
     RoomId::parse("lobby").unwrap()

@@ -36,7 +36,7 @@ mod metrics;
 pub mod service;
 mod session;
 pub mod settings;
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 pub mod writer_client;
 

@@ -3,13 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use chorus_gateway::auth::{
     AuthConfigError, AuthError, AuthSettings, Authenticator, Offered, bearer_token,
 };
 use chorus_protocol::RoomId;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use chorus_testkit::tokens::{client_claims, encode, hs256, unix_now as now};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
@@ -84,24 +85,8 @@ fn keys() -> &'static Keys {
     })
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 fn claims(sub: &str, rooms: &[&str]) -> Value {
-    json!({"sub": sub, "exp": now() + 600, "rooms": rooms})
-}
-
-fn hs256(secret: &[u8], claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
+    client_claims(sub, rooms, now() + 600)
 }
 
 fn settings() -> AuthSettings {
@@ -235,18 +220,16 @@ fn rs256_and_es256_tokens_verify_against_their_public_keys() {
         ..settings()
     })
     .unwrap();
-    let rs = jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
-        &claims("rita", &["lobby"]),
+    let rs = encode(
+        Algorithm::RS256,
         &EncodingKey::from_rsa_pem(&keys.read("rsa.pem")).unwrap(),
-    )
-    .unwrap();
-    let es = jsonwebtoken::encode(
-        &Header::new(Algorithm::ES256),
-        &claims("eric", &["lobby"]),
+        &claims("rita", &["lobby"]),
+    );
+    let es = encode(
+        Algorithm::ES256,
         &EncodingKey::from_ec_pem(&keys.read("ec.pem")).unwrap(),
-    )
-    .unwrap();
+        &claims("eric", &["lobby"]),
+    );
     assert_eq!(
         auth.authenticate(with_token(&rs)).unwrap().user.as_str(),
         "rita"

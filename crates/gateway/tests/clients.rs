@@ -1,41 +1,26 @@
 //! What one gateway does with its clients, seen from the clients: tokens, limits, heartbeats and
 //! slow consumers. Each client that breaks a limit is told why, and the others carry on.
 
-mod common;
-
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chorus_client::{Client, ClientError, Received};
 use chorus_gateway::Settings;
 use chorus_gateway::settings::VerifySettings;
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
-use common::{Gateway, WAIT, metric};
+use chorus_testkit::gateway::{Gateway, TOPIC, metric, upgrade_request};
+use chorus_testkit::logs::CapturedLogs;
+use chorus_testkit::sns;
+use chorus_testkit::tokens::{client_token as token, unix_now as now};
 use futures_util::StreamExt as _;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite;
 
 const SECRET: &[u8] = b"a test secret of more than thirty-two bytes";
+const WAIT: Duration = Duration::from_secs(10);
 
 fn room(name: &str) -> RoomId {
     RoomId::parse(name).unwrap()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn token(secret: &[u8], sub: &str, rooms: &[&str], exp: u64) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "rooms": rooms, "exp": exp}),
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
 }
 
 /// A gateway that takes tokens signed with [`SECRET`] (and no dev users).
@@ -82,28 +67,6 @@ async fn closed_with(client: &mut Client) -> u16 {
             Some(Received::Frame(_)) => continue,
             None => panic!("not closed within {WAIT:?}"),
         }
-    }
-}
-
-/// Polls `/metrics` until it contains every line; gives up only when the metrics have not
-/// changed for [`WAIT`] (a loaded machine makes progress slower, not absent).
-async fn wait_for_metrics(gateway: &Gateway, lines: &[&str]) {
-    let mut last = String::new();
-    let mut unchanged_since = tokio::time::Instant::now();
-    loop {
-        let text = gateway.metrics().await;
-        if lines.iter().all(|line| text.lines().any(|l| l == *line)) {
-            return;
-        }
-        if text != last {
-            last = text;
-            unchanged_since = tokio::time::Instant::now();
-        }
-        assert!(
-            unchanged_since.elapsed() < WAIT,
-            "metrics stopped changing for {WAIT:?} without showing {lines:?}:\n{last}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -182,16 +145,14 @@ async fn expired_forged_and_missing_tokens_are_refused_with_the_reason() {
     let (status, body) = refusal(err);
     assert_eq!(status, 401);
     assert!(body.contains("tokens only"), "{body}");
-    wait_for_metrics(
-        &gateway,
-        &[
+    gateway
+        .wait_for_metrics(&[
             r#"chorus_gateway_connections_refused_total{reason="expired"} 1"#,
             r#"chorus_gateway_connections_refused_total{reason="signature"} 1"#,
             r#"chorus_gateway_connections_refused_total{reason="missing"} 2"#,
             "chorus_gateway_connections 0",
-        ],
-    )
-    .await;
+        ])
+        .await;
 }
 
 #[tokio::test]
@@ -259,11 +220,9 @@ async fn over_the_send_rate_a_client_is_told_and_the_others_carry_on() {
     lucy.wait_for(WAIT, "ack", |f| matches!(f, ServerFrame::Ack { .. }))
         .await
         .unwrap();
-    wait_for_metrics(
-        &gateway,
-        &[r#"chorus_gateway_requests_limited_total{limit="send_rate"} 1"#],
-    )
-    .await;
+    gateway
+        .wait_for_metrics(&[r#"chorus_gateway_requests_limited_total{limit="send_rate"} 1"#])
+        .await;
 }
 
 #[tokio::test]
@@ -309,7 +268,9 @@ async fn a_full_gateway_closes_one_more_connection_with_the_code_that_says_so() 
     ));
     // A slot frees when a connection ends.
     first.close().await.unwrap();
-    wait_for_metrics(&gateway, &["chorus_gateway_connections 1"]).await;
+    gateway
+        .wait_for_metrics(&["chorus_gateway_connections 1"])
+        .await;
     let mut fourth = Client::connect(&gateway.user_url("d")).await.unwrap();
     assert!(matches!(
         join(&mut fourth, "lobby").await,
@@ -327,11 +288,7 @@ async fn a_silent_client_is_closed_and_one_that_answers_pings_is_not() {
     // A raw socket that completes the handshake, then says nothing (not even pongs).
     let mut silent = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     silent
-        .write_all(
-            b"GET /ws?user=silent HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
-              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-              Sec-WebSocket-Version: 13\r\n\r\n",
-        )
+        .write_all(upgrade_request("silent").as_bytes())
         .await
         .unwrap();
     let mut lively = Client::connect(&gateway.user_url("lively")).await.unwrap();
@@ -404,11 +361,9 @@ async fn a_client_that_stops_reading_does_not_delay_the_others() {
         join(&mut client, "lobby").await;
         readers.push(client);
     }
-    wait_for_metrics(
-        &gateway,
-        &[r#"chorus_gateway_room_changes_total{kind="join"} 3"#],
-    )
-    .await;
+    gateway
+        .wait_for_metrics(&[r#"chorus_gateway_room_changes_total{kind="join"} 3"#])
+        .await;
 
     // Far more than the stalled socket's kernel buffers and queue hold: 400 × 16 KiB.
     const MESSAGES: u64 = 400;
@@ -441,7 +396,9 @@ async fn a_client_that_stops_reading_does_not_delay_the_others() {
         reader.await.unwrap();
     }
     feeder.await.unwrap();
-    wait_for_metrics(&gateway, &["chorus_gateway_slow_consumers_total 1"]).await;
+    gateway
+        .wait_for_metrics(&["chorus_gateway_slow_consumers_total 1"])
+        .await;
 
     // When the stalled client reads at last: a gap-free prefix, then the resume code.
     let mut next = 1;
@@ -483,20 +440,6 @@ async fn a_client_that_trickles_its_request_headers_is_cut_off() {
         join(&mut client, "lobby").await,
         ServerFrame::Joined { .. }
     ));
-}
-
-/// Everything the gateway logs, at every level, into memory.
-#[derive(Clone, Default)]
-struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]
@@ -544,7 +487,7 @@ async fn tokens_and_query_strings_never_reach_the_logs() {
     by_query.close().await.unwrap();
     gateway.stop().await;
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("WebSocket request refused"),
         "the refusals are logged:\n{logs}"
@@ -598,15 +541,13 @@ async fn a_replay_into_a_client_that_does_not_read_stays_bounded_and_is_closed()
         .store(&room("lobby"), (0..STORED).map(|i| format!("{i:0>16384}")));
     let _stalled = stalled_joiner(&gateway, gateway.user_url("stalled"), "lobby", 0).await;
     // The replay stalls, the connection is closed as too slow, and nothing of it stays behind.
-    wait_for_metrics(
-        &gateway,
-        &[
+    gateway
+        .wait_for_metrics(&[
             "chorus_gateway_slow_consumers_total 1",
             "chorus_gateway_room_members 0",
             "chorus_gateway_rooms 0",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let replayed = metric(&gateway.metrics().await, "chorus_gateway_replayed_total");
     assert!(
         replayed < STORED / 2,
@@ -637,15 +578,13 @@ async fn a_token_that_expires_during_a_stalled_replay_still_closes_the_connectio
     let soon = token(SECRET, "john", &["lobby"], now() + 2);
     let url = format!("{}?token={soon}", gateway.ws_url());
     let _stalled = stalled_joiner(&gateway, url, "lobby", 0).await;
-    wait_for_metrics(
-        &gateway,
-        &[
+    gateway
+        .wait_for_metrics(&[
             r#"chorus_gateway_closed_total{reason="token_expired"} 1"#,
             "chorus_gateway_room_members 0",
             "chorus_gateway_rooms 0",
-        ],
-    )
-    .await;
+        ])
+        .await;
 }
 
 #[tokio::test]
@@ -653,32 +592,22 @@ async fn a_notification_whose_certificate_cannot_be_fetched_is_answered_with_a_r
     // Verification on; the certificate source (a loopback port nobody listens on) is down.
     let gateway =
         Gateway::start(|settings| settings.bus.verify = Some(VerifySettings::default())).await;
-    let timestamp = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    let envelope = json!({
-        "Type": "Notification",
-        "MessageId": "0b3c9e1e-0000-4000-8000-000000000001",
-        "TopicArn": common::TOPIC,
-        "Message": "{\"v\":1,\"events\":[]}",
-        "Timestamp": timestamp,
-        "SignatureVersion": "2",
-        "Signature": "AAAA",
-        "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem",
-    });
+    let mut envelope = sns::notification(TOPIC, "{\"v\":1,\"events\":[]}");
+    envelope.signature_version = Some("2".into());
+    envelope.signature = Some("AAAA".into());
+    envelope.signing_cert_url =
+        Some("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem".into());
     let response = reqwest::Client::new()
         .post(format!("http://{}/sns", gateway.addr))
-        .body(envelope.to_string())
+        .body(sns::to_json(&envelope))
         .send()
         .await
         .unwrap();
     // SNS retries 5xx and gives up on 4xx: a 403 here would lose a genuine message.
     assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    wait_for_metrics(
-        &gateway,
-        &[r#"chorus_gateway_bus_rejected_total{reason="cert_unavailable"} 1"#],
-    )
-    .await;
+    gateway
+        .wait_for_metrics(&[r#"chorus_gateway_bus_rejected_total{reason="cert_unavailable"} 1"#])
+        .await;
 }
 
 /// Sends a `history` request and returns the answer.
@@ -794,13 +723,11 @@ async fn scrollback_pages_backwards_through_a_rooms_history_that_the_token_allow
         join(&mut client, "lobby").await,
         ServerFrame::Joined { seq: Seq(30), .. }
     ));
-    wait_for_metrics(
-        &gateway,
-        &[
+    gateway
+        .wait_for_metrics(&[
             "chorus_gateway_history_requests_total{result=\"served\"} 6",
             "chorus_gateway_requests_limited_total{limit=\"room_not_allowed\"} 1",
             "chorus_gateway_room_members 1",
-        ],
-    )
-    .await;
+        ])
+        .await;
 }

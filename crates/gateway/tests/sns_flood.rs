@@ -2,14 +2,15 @@
 //! signatures, while two clients chat through the same gateway with every notification
 //! verified. The witnesses' messages all arrive over the bus (none needs a repair).
 
-mod common;
-
 use std::time::Duration;
 
 use chorus_client::Client;
 use chorus_protocol::{RoomId, Seq, ServerFrame};
-use common::{Gateway, WAIT, metric};
+use chorus_testkit::gateway::{Gateway, TOPIC, metric};
+use chorus_testkit::sns;
 use tokio::io::AsyncWriteExt as _;
+
+const WAIT: Duration = Duration::from_secs(10);
 
 /// A post that sends its headers and a few bytes of a longer body, then stalls.
 async fn slow_post(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
@@ -68,18 +69,19 @@ async fn slow_and_forged_sns_posts_do_not_hold_up_genuine_notifications() {
             let http = reqwest::Client::new();
             let mut sent = 0u32;
             while !stop.is_cancelled() && sent < 20_000 {
-                let mut envelope = common::envelope("{\"v\":1,\"events\":[]}", false);
-                envelope["SignatureVersion"] = "2".into();
-                envelope["Signature"] = "A".repeat(344).into();
-                envelope["SigningCertURL"] = if sent % 2 == 0 {
-                    format!("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-forged{sent}.pem")
+                let mut envelope = sns::notification(TOPIC, "{\"v\":1,\"events\":[]}");
+                envelope.signature_version = Some("2".into());
+                envelope.signature = Some("A".repeat(344));
+                envelope.signing_cert_url = Some(if sent % 2 == 0 {
+                    format!(
+                        "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-forged{sent}.pem"
+                    )
                 } else {
-                    common::cert_url()
-                }
-                .into();
+                    sns::cert_url()
+                });
                 let _ = http
                     .post(format!("http://{addr}/sns"))
-                    .body(envelope.to_string())
+                    .body(sns::to_json(&envelope))
                     .send()
                     .await;
                 sent += 1;

@@ -4,23 +4,21 @@
 //! either becomes ready or stops with an error that says why. SNS is a fake that posts real,
 //! signed confirmations to the gateway's `/sns`.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use chorus_gateway::bus::CertSource;
-use chorus_gateway::bus::{BusError, Endpoint, SnsEnvelope, SubscriptionState, TopicSubscriptions};
+use chorus_gateway::Deps;
+use chorus_gateway::bus::{BusError, CertSource, Endpoint, SubscriptionState, TopicSubscriptions};
 use chorus_gateway::settings::VerifySettings;
-use chorus_gateway::writer_client::{LogError, MessageLog};
-use chorus_gateway::{App, Deps, GatewayError, Settings};
-use chorus_protocol::RoomId;
-use chorus_protocol::Seq;
-use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
-use common::sns::{CERT_PATH, cert_server, forger_key_and_cert, generated_key_and_cert, sign_with};
-use tokio::sync::oneshot;
+use chorus_gateway::test_support::MemoryLog;
+use chorus_testkit::gateway::Running;
+use chorus_testkit::logs::CapturedLogs;
+use chorus_testkit::sns::{
+    CERT_PATH, cert_server, confirmation, forger_key_and_cert, generated_key_and_cert, sign_with,
+    to_json,
+};
 
 /// How long the test waits while nothing at all happens on the fake SNS before it gives up.
 const NO_PROGRESS: Duration = Duration::from_secs(60);
@@ -81,25 +79,19 @@ impl TopicSubscriptions for FakeSns {
             state.tokens.insert(token.clone(), arn.clone());
             (arn, token)
         };
-        let confirmation: SnsEnvelope = serde_json::from_value(serde_json::json!({
-            "Type": "SubscriptionConfirmation",
-            "MessageId": format!("confirmation-of-{arn}"),
-            "Token": token,
-            "TopicArn": self.topic,
-            "Message": "You have chosen to subscribe to the topic",
-            "SubscribeURL": format!("http://sns.invalid/?Action=ConfirmSubscription&Token={token}"),
-            "Timestamp": time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap(),
-            "SigningCertURL": self.cert_url,
-        }))
-        .unwrap();
+        let mut confirmation = confirmation(
+            &self.topic,
+            &token,
+            &format!("http://sns.invalid/?Action=ConfirmSubscription&Token={token}"),
+        );
+        confirmation.message_id = format!("confirmation-of-{arn}");
+        confirmation.signing_cert_url = Some(self.cert_url.clone());
         let key = if self.genuine.load(Ordering::SeqCst) {
             &generated_key_and_cert().0
         } else {
             &forger_key_and_cert().0
         };
-        let body = envelope_json(&sign_with(confirmation, "1", key));
+        let body = to_json(&sign_with(confirmation, "1", key));
         // SNS posts after Subscribe returns; posting before makes the order of what the gateway
         // sees the same on every run.
         let _ = self.http.post(url).body(body).send().await;
@@ -137,86 +129,36 @@ impl TopicSubscriptions for FakeSns {
     }
 }
 
-/// The envelope as SNS posts it (the gateway reads the fields it signs).
-fn envelope_json(envelope: &SnsEnvelope) -> String {
-    serde_json::json!({
-        "Type": envelope.kind,
-        "MessageId": envelope.message_id,
-        "Token": envelope.token,
-        "TopicArn": envelope.topic_arn,
-        "Message": envelope.message,
-        "SubscribeURL": envelope.subscribe_url,
-        "Timestamp": envelope.timestamp,
-        "SignatureVersion": envelope.signature_version,
-        "Signature": envelope.signature,
-        "SigningCertURL": envelope.signing_cert_url,
-    })
-    .to_string()
-}
-
-/// No writer behind these gateways: nothing here sends or joins.
-struct NoWriter;
-
-#[async_trait::async_trait]
-impl MessageLog for NoWriter {
-    async fn append(&self, _: &RoomId, _: &SendRequest) -> Result<SendResponse, LogError> {
-        unreachable!("no client sends in these tests")
-    }
-    async fn history(&self, _: &RoomId, _: Seq, _: u32) -> Result<HistoryPage, LogError> {
-        unreachable!("no client joins in these tests")
-    }
-    async fn scrollback(
-        &self,
-        _: &RoomId,
-        _: Option<Seq>,
-        _: u32,
-    ) -> Result<HistoryPage, LogError> {
-        unreachable!("no client asks for history in these tests")
-    }
-}
-
 /// Everything this test binary logs, at info and above. One subscriber for the whole binary
 /// (tests may run in parallel threads of one process): each test finds its own lines by the
 /// subscriptions they name.
-fn logs() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+fn logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
     LOGS.get_or_init(|| {
-        let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::default());
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
         tracing_subscriber::fmt()
             .with_env_filter("info")
             .with_ansi(false)
-            .with_writer(move || CapturedLogs(logs))
+            .with_writer(move || writer.clone())
             .init();
         logs
     })
 }
 
-struct CapturedLogs(&'static Mutex<Vec<u8>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Whether a captured line says `said` about subscription `arn`.
 fn logged(said: &str, arn: &str) -> bool {
     let followed = format!("{arn} ");
-    String::from_utf8_lossy(&logs().lock().unwrap())
+    logs()
+        .text()
         .lines()
         .any(|line| line.contains(said) && (line.contains(&followed) || line.ends_with(arn)))
 }
 
 /// A gateway with verification on (certificates from the test's mirror) and the fake SNS.
 struct Started {
-    addr: std::net::SocketAddr,
+    gateway: Running,
     sns: Arc<FakeSns>,
-    stop: oneshot::Sender<()>,
-    run: tokio::task::JoinHandle<Result<(), GatewayError>>,
 }
 
 async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
@@ -227,17 +169,16 @@ async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
         topic,
         format!("http://localhost.localstack.cloud:4566{CERT_PATH}"),
     );
-    let mut settings = Settings::new(topic, "http://127.0.0.1:9".parse().unwrap());
-    settings.listen = "127.0.0.1:0".parse().unwrap();
-    settings.auth.dev_users = true;
+    let mut settings = chorus_testkit::gateway::settings(topic);
     settings.bus.verify = Some(VerifySettings {
         cert_mirror: Some(mirror.parse().unwrap()),
         ..VerifySettings::default()
     });
     settings.bus.subscribe_timeout = Duration::from_millis(timeout_ms);
     settings.bus.subscribe_attempts = attempts;
+    // No client sends or joins here: the log stays empty.
     let deps = Deps {
-        log: Arc::new(NoWriter),
+        log: Arc::new(MemoryLog::default()),
         subscriptions: Arc::clone(&sns) as Arc<dyn TopicSubscriptions>,
         certs: CertSource::Mirror {
             base: mirror.parse().unwrap(),
@@ -245,58 +186,34 @@ async fn start(topic: &str, timeout_ms: u64, attempts: u32) -> Started {
         },
         sqs: None,
     };
-    let app = App::build(settings, deps)
+    let gateway = Running::start(settings, deps)
         .await
         .expect("the gateway builds");
-    let addr = app.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(app.run_until(async {
-        let _ = stopped.await;
-    }));
-    Started {
-        addr,
-        sns,
-        stop,
-        run,
-    }
+    Started { gateway, sns }
 }
 
-/// Polls `/readyz` until `done(status, body)` holds; gives up only when the fake SNS saw no new
-/// subscription for [`NO_PROGRESS`], naming what was awaited and the last answer.
+/// Polls `/readyz` until `done(status, body)` holds; gives up only when neither the answer nor
+/// the fake SNS's subscriptions moved for [`NO_PROGRESS`], naming what was awaited and the last
+/// answer, or at once when the gateway stops.
 async fn readyz_until(
     started: &Started,
     awaited: &str,
     done: impl Fn(u16, &str) -> bool,
 ) -> (u16, String) {
-    let http = reqwest::Client::new();
-    let mut last_made = 0;
-    let mut last_progress = tokio::time::Instant::now();
-    loop {
-        if let Ok(response) = http
-            .get(format!("http://{}/readyz", started.addr))
-            .send()
-            .await
-        {
-            let status = response.status().as_u16();
-            let body = response.text().await.unwrap_or_default();
-            if done(status, &body) {
-                return (status, body);
+    started
+        .gateway
+        .readyz(awaited)
+        .idle(NO_PROGRESS)
+        .watching(|| {
+            if started.gateway.is_finished() {
+                Err("the gateway stopped".to_owned())
+            } else {
+                Ok(started.sns.snapshot().0.len() as u64)
             }
-            let made = started.sns.snapshot().0.len();
-            if made != last_made {
-                (last_made, last_progress) = (made, tokio::time::Instant::now());
-            }
-            assert!(
-                last_progress.elapsed() < NO_PROGRESS,
-                "awaited {awaited}; no new subscription for {NO_PROGRESS:?}; /readyz: {status} {body}"
-            );
-        }
-        assert!(
-            !started.run.is_finished(),
-            "the gateway stopped while awaiting {awaited}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        })
+        .until(done)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test]
@@ -358,8 +275,7 @@ async fn a_refused_confirmation_is_reported_and_a_new_subscription_made_until_on
     }
     assert!(logged("gateway ready: subscribed to the topic", live[0]));
 
-    started.stop.send(()).unwrap();
-    started.run.await.unwrap().unwrap();
+    started.gateway.stop().await.unwrap();
     let (_, _, removed) = started.sns.snapshot();
     assert!(removed.contains(live[0]), "drain removed the subscription");
 }
@@ -373,9 +289,9 @@ async fn a_subscription_never_confirmed_stops_the_gateway_with_the_reason() {
     )
     .await;
     let error = started
-        .run
+        .gateway
+        .exited()
         .await
-        .unwrap()
         .expect_err("no subscription can be confirmed")
         .to_string();
     assert!(

@@ -3,18 +3,17 @@
 //! and which certificate URLs are fetched on AWS (an SNS host over HTTPS only) and with a mirror
 //! (the mirror, whatever host the URL names).
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chorus_gateway::bus::SnsEnvelope;
 use chorus_gateway::bus::{CertSource, Verifier, VerifyError, string_to_sign};
-use common::sns::{cert_server, forger_key_and_cert, sign, sign_with};
+use chorus_testkit::sns::{
+    cert_server, cert_url, confirmation, forger_key_and_cert, sign, sign_with,
+};
 
 const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:chorus";
-const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
 
 async fn verifier() -> (Verifier, Arc<AtomicUsize>) {
     let (base, fetches) = cert_server().await;
@@ -30,24 +29,14 @@ async fn verifier() -> (Verifier, Arc<AtomicUsize>) {
     (verifier, fetches)
 }
 
-fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
-}
-
+/// A notification of [`TOPIC`] naming the genuine certificate, with an empty signature.
 fn notification(message: &str) -> SnsEnvelope {
-    serde_json::from_value(serde_json::json!({
-        "Type": "Notification",
-        "MessageId": "5c1a2b3c-0000-4000-8000-000000000001",
-        "TopicArn": TOPIC,
-        "Message": message,
-        "Timestamp": now(),
-        "SignatureVersion": "2",
-        "Signature": "",
-        "SigningCertURL": CERT_URL,
-    }))
-    .unwrap()
+    SnsEnvelope {
+        signature_version: Some("2".into()),
+        signature: Some(String::new()),
+        signing_cert_url: Some(cert_url()),
+        ..chorus_testkit::sns::notification(TOPIC, message)
+    }
 }
 
 #[tokio::test]
@@ -169,7 +158,7 @@ async fn on_aws_only_certificates_of_an_sns_host_over_https_are_fetched() {
     let refused = [
         format!("{base}/SimpleNotificationService-test.pem"),
         "https://attacker.example/SimpleNotificationService-test.pem".to_owned(),
-        CERT_URL.replacen("https", "http", 1),
+        cert_url().replacen("https", "http", 1),
         "https://sns.us-east-1.amazonaws.com/evil/cert.pem".to_owned(),
         "https://sns.us-east-1.amazonaws.com:8443/SimpleNotificationService-test.pem".to_owned(),
     ];
@@ -197,7 +186,7 @@ async fn a_mirror_serves_the_certificate_whatever_host_or_scheme_the_url_names()
     // moto names the AWS host; LocalStack names itself over plain HTTP; a name that does not
     // resolve proves that the host named is never contacted.
     for url in [
-        CERT_URL.to_owned(),
+        cert_url(),
         "http://127.0.0.1:4566/SimpleNotificationService-test.pem".to_owned(),
         "https://attacker.invalid/SimpleNotificationService-test.pem".to_owned(),
     ] {
@@ -249,17 +238,13 @@ async fn a_mirror_serves_the_certificate_whatever_host_or_scheme_the_url_names()
 #[tokio::test]
 async fn subscription_confirmations_sign_the_token_and_subscribe_url() {
     let (verifier, _) = verifier().await;
-    let confirmation: SnsEnvelope = serde_json::from_value(serde_json::json!({
-        "Type": "SubscriptionConfirmation",
-        "MessageId": "m-1",
-        "Token": "2336412f37fb687f5d51e6e2425",
-        "TopicArn": TOPIC,
-        "Message": "You have chosen to subscribe to the topic",
-        "SubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=2336",
-        "Timestamp": now(),
-        "SigningCertURL": CERT_URL,
-    }))
-    .unwrap();
+    let mut confirmation = confirmation(
+        TOPIC,
+        "2336412f37fb687f5d51e6e2425",
+        "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=2336",
+    );
+    confirmation.message_id = "m-1".into();
+    confirmation.signing_cert_url = Some(cert_url());
     let text = string_to_sign(&confirmation).unwrap();
     assert!(text.starts_with(
         "Message\nYou have chosen to subscribe to the topic\nMessageId\nm-1\nSubscribeURL\n"

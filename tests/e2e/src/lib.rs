@@ -3,7 +3,9 @@
 //! `AWS_ENDPOINT_URL`. Each stack gets its own table and topic, so tests run in parallel.
 //!
 //! Readiness comes from the services themselves: each logs `… listening` with its address (read
-//! from its JSON log on stderr), and a gateway is used only once `/readyz` answers 200.
+//! from its JSON log on stderr), and a gateway is used only once `/readyz` answers 200. Every
+//! wait ends on progress (`chorus_testkit::wait`): it gives up only when nothing moved for the
+//! idle limit.
 
 pub mod balancer;
 pub mod faults;
@@ -17,6 +19,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use chorus_service::service_auth::ServiceKeys;
+use chorus_testkit::emulator::{aws, sns_endpoint};
+use chorus_testkit::tokens::gateway_client;
+use chorus_testkit::wait::{Poll, idle_limit};
 
 use crate::balancer::Balancer;
 
@@ -42,8 +48,6 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The emulator endpoint; the tests need one. (DynamoDB may have its own,
-/// `AWS_ENDPOINT_URL_DYNAMODB`, which the SDK picks up by itself.)
 /// The service key every writer and gateway started here shares (a file made once per process,
 /// with a random key): the writers refuse calls without a token signed with it.
 pub fn service_key_file() -> &'static Path {
@@ -67,34 +71,9 @@ pub fn service_key_file() -> &'static Path {
 /// An HTTP client that calls writers as a gateway would (with a service token), for tests that
 /// read a writer's history themselves.
 pub fn writer_http() -> reqwest::Client {
-    use chorus_service::service_auth::{Grant, ServiceKeys};
     let keys =
         ServiceKeys::from_files(&[service_key_file().to_path_buf()]).expect("the e2e service key");
-    let token = keys.mint(
-        &Grant::gateway("e2e-checker"),
-        Duration::from_secs(24 * 3600),
-    );
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().expect("a header value"),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .expect("an HTTP client")
-}
-
-pub fn endpoint() -> String {
-    std::env::var("AWS_ENDPOINT_URL").expect(
-        "AWS_ENDPOINT_URL is not set: the e2e tests need the AWS emulator; run ./scripts/test",
-    )
-}
-
-/// The endpoint serving SNS, which also serves its signing certificates: the gateways'
-/// `--sns-cert-mirror`.
-pub fn sns_endpoint() -> String {
-    std::env::var("AWS_ENDPOINT_URL_SNS").unwrap_or_else(|_| endpoint())
+    gateway_client(&keys, "e2e-checker")
 }
 
 /// A running service process. Killed on drop if still running.
@@ -134,7 +113,7 @@ impl Service {
     /// listening address (`addr`).
     ///
     /// # Errors
-    /// When it exits or does not listen within 30 s.
+    /// When it exits, or logs nothing for the idle limit before it listens.
     pub fn start(
         name: &str,
         bin: &str,
@@ -165,7 +144,9 @@ impl Service {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Each line logged is progress: give up only when it logs nothing for the idle limit.
+        let idle = idle_limit();
+        let (mut logged, mut moved_at) = (0, Instant::now());
         loop {
             if let Ok(addr) = addr_rx.recv_timeout(Duration::from_millis(50)) {
                 return Ok(Service {
@@ -181,10 +162,13 @@ impl Service {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            if Instant::now() > deadline {
+            let now_logged = log_len(&log);
+            if now_logged != logged {
+                (logged, moved_at) = (now_logged, Instant::now());
+            } else if moved_at.elapsed() > idle {
                 let _ = child.kill();
                 bail!(
-                    "{name} did not listen within 30 s; log:\n{}",
+                    "{name} logged nothing for {idle:?} and does not listen yet; log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
@@ -220,49 +204,37 @@ impl Service {
         format!("ws://{}/ws?user={user}", self.addr)
     }
 
+    /// Waits until the service's `/readyz` answers 200. Its answers and its log are progress;
+    /// gives up when neither moved for the idle limit, or at once when the service exits.
+    ///
+    /// # Errors
+    /// When it does not become ready.
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        let url = format!("{}/readyz", self.http());
+        let awaited = format!("{} to be ready", self.name);
+        Poll::new(url, awaited)
+            .watching(|| match self.child.try_wait() {
+                Ok(None) => Ok(log_len(&self.log)),
+                Ok(Some(status)) => Err(format!(
+                    "exited ({status}); log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                )),
+                Err(e) => Err(format!("its state cannot be read: {e}")),
+            })
+            .ready()
+            .await?;
+        Ok(())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// Polls `/metrics` until every expected line is there (counters move right after the effect a
-    /// client sees); panics after 10 s with the last exposition. An expectation without a value
-    /// matches any value.
+    /// Waits until `/metrics` has every expected line (counters move right after the effect a
+    /// client sees); panics when the exposition stops changing without them, showing the last
+    /// one. An expectation without a value matches any value.
     pub async fn wait_for_metrics(&self, expected: &[&str]) {
-        let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let res = http
-                .get(format!("{}/metrics", self.http()))
-                .send()
-                .await
-                .expect("GET /metrics");
-            let content_type = res.headers()["content-type"]
-                .to_str()
-                .unwrap_or("")
-                .to_owned();
-            assert!(
-                content_type.starts_with("text/plain; version=0.0.4"),
-                "{content_type}"
-            );
-            let text = res.text().await.expect("metrics text");
-            let missing: Vec<&&str> = expected
-                .iter()
-                .filter(|want| {
-                    !text
-                        .lines()
-                        .any(|line| line == **want || line.starts_with(&format!("{want} ")))
-                })
-                .collect();
-            if missing.is_empty() {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} lacks {missing:?}:\n{text}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        chorus_testkit::wait::metrics(&format!("{}/metrics", self.http()), expected).await;
     }
 
     /// The service's `/metrics` exposition.
@@ -353,6 +325,12 @@ impl Drop for Service {
     }
 }
 
+/// The length of a service's log so far (0 before it has one): it grows as the service makes
+/// progress.
+fn log_len(log: &Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
+}
+
 /// The sum of every series of metric `name` in a Prometheus text exposition (`None` when there
 /// is none).
 pub fn metric_sum(exposition: &str, name: &str) -> Option<f64> {
@@ -400,10 +378,18 @@ pub struct Stack {
     pub gateways: Vec<Service>,
 }
 
-/// AWS clients for the emulator.
-pub async fn aws() -> aws_config::SdkConfig {
-    endpoint();
-    chorus_service::load_aws_config().await
+/// A messages table and an SNS topic of their own, named `<prefix>-<random>`: (table, topic ARN).
+///
+/// # Errors
+/// When the emulator refuses to make them.
+pub async fn table_and_topic(prefix: &str) -> anyhow::Result<(String, String)> {
+    let aws = aws().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let table = format!("{prefix}-{}", &suffix[..12]);
+    chorus_writer::store::ensure_table(&aws_sdk_dynamodb::Client::new(&aws), &table).await?;
+    let topic_arn =
+        chorus_publisher::sns::ensure_topic(&aws_sdk_sns::Client::new(&aws), &table).await?;
+    Ok((table, topic_arn))
 }
 
 impl Stack {
@@ -436,12 +422,7 @@ impl Stack {
         gateways: usize,
     ) -> anyhow::Result<Stack> {
         let writers = options.writers.max(1);
-        let aws = aws().await;
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let table = format!("e2e-{}", &suffix[..12]);
-        chorus_writer::store::ensure_table(&aws_sdk_dynamodb::Client::new(&aws), &table).await?;
-        let topic_arn =
-            chorus_publisher::sns::ensure_topic(&aws_sdk_sns::Client::new(&aws), &table).await?;
+        let (table, topic_arn) = table_and_topic("e2e").await?;
 
         let writer = start_writer("writer", &table)?;
         let mut more_writers = Vec::new();
@@ -481,7 +462,7 @@ impl Stack {
     /// Starts one more gateway (extra flags appended) and waits until it is ready.
     ///
     /// # Errors
-    /// When it does not become ready within 30 s.
+    /// When it does not become ready ([`Service::ready`]).
     pub async fn add_gateway(&mut self, extra: &[&str]) -> anyhow::Result<usize> {
         self.add_gateway_with(extra, |_| {}).await
     }
@@ -491,7 +472,7 @@ impl Stack {
     /// at it while SNS may already be posting its SubscriptionConfirmation.
     ///
     /// # Errors
-    /// When it does not become ready within 30 s.
+    /// When it does not become ready ([`Service::ready`]).
     pub async fn add_gateway_with(
         &mut self,
         extra: &[&str],
@@ -535,9 +516,9 @@ impl Stack {
             "10000",
         ];
         args.extend_from_slice(extra);
-        let gateway = Service::start(&name, "chorus-gateway", &args, &[], "gateway listening")?;
+        let mut gateway = Service::start(&name, "chorus-gateway", &args, &[], "gateway listening")?;
         listening(&gateway);
-        wait_ready(&format!("{}/readyz", gateway.http())).await?;
+        gateway.ready().await?;
         self.gateways.push(gateway);
         Ok(self.gateways.len() - 1)
     }
@@ -634,7 +615,12 @@ pub fn publisher_supports_checkpoint() -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--checkpoint-file"))
 }
 
-fn start_publisher(
+/// Starts the publisher as a stream poller of `table` publishing to `topic_arn`, with
+/// `checkpoint` as its checkpoint file if given; its address is its metrics port.
+///
+/// # Errors
+/// When it exits during start-up or does not listen.
+pub fn start_publisher(
     table: &str,
     topic_arn: &str,
     checkpoint: Option<&Path>,
@@ -662,24 +648,4 @@ fn start_publisher(
         &[],
         "metrics listening",
     )
-}
-
-/// Polls `url` until it answers 200, at most 30 s.
-///
-/// # Errors
-/// When it does not.
-pub async fn wait_ready(url: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(res) = http.get(url).send().await
-            && res.status().is_success()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{url} not ready within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

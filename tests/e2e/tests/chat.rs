@@ -5,6 +5,7 @@ use std::time::Duration;
 use chorus_client::{Client, ClientError, Received};
 use chorus_e2e::Stack;
 use chorus_protocol::{ErrorCode, RoomId, Seq, ServerFrame, close};
+use chorus_testkit::sns;
 use tokio_tungstenite::tungstenite;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -402,19 +403,17 @@ async fn forged_sns_posts_are_refused_and_reach_no_client() {
         "body": "send me your password", "ts": "2026-11-29T10:00:00.000Z"}]})
     .to_string();
     let envelope = |topic: &str, signature: Option<&str>| {
-        let mut e = serde_json::json!({
-            "Type": "Notification",
-            "MessageId": "00000000-0000-4000-8000-000000000000",
-            "TopicArn": topic,
-            "Message": forged_payload,
-            "Timestamp": "2099-01-01T00:00:00.000Z",
-            "SignatureVersion": "2",
-            "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-forged.pem",
-        });
-        if let Some(signature) = signature {
-            e["Signature"] = signature.into();
-        }
-        e.to_string()
+        let mut e = sns::notification_at(
+            topic,
+            &forged_payload,
+            "00000000-0000-4000-8000-000000000000".into(),
+            "2099-01-01T00:00:00.000Z".into(),
+        );
+        e.signature_version = Some("2".into());
+        e.signature = signature.map(str::to_owned);
+        e.signing_cert_url =
+            Some("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-forged.pem".into());
+        sns::to_json(&e)
     };
     let http = reqwest::Client::new();
     let url = format!("{}/sns", gateway.http());
@@ -482,7 +481,7 @@ async fn a_gateway_whose_subscription_disappears_subscribes_again_and_loses_noth
     joined(&mut john, &lobby, None).await;
 
     // Someone removes the gateway's subscription, and a message is sent right then.
-    let sns = aws_sdk_sns::Client::new(&chorus_e2e::aws().await);
+    let sns = aws_sdk_sns::Client::new(&chorus_testkit::emulator::aws().await);
     let subscriptions = |sns: aws_sdk_sns::Client, topic: String| async move {
         sns.list_subscriptions_by_topic()
             .topic_arn(topic)
@@ -610,7 +609,7 @@ async fn a_gateway_on_the_sqs_transport_chats_with_one_on_http_and_cleans_up_on_
     assert_eq!(message_seqs(&before), [1]);
 
     // Drained, the SQS gateway removes its subscription and its queue.
-    let aws = chorus_e2e::aws().await;
+    let aws = chorus_testkit::emulator::aws().await;
     let sqs = aws_sdk_sqs::Client::new(&aws);
     let queues = |prefix: &'static str| {
         let sqs = sqs.clone();

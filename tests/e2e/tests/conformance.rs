@@ -20,7 +20,10 @@ use chorus_client::{
 };
 use chorus_e2e::faults::{FaultPlan, FaultyIngress};
 use chorus_e2e::proxy::{ProxyOptions, TcpProxy};
-use chorus_e2e::{Service, Stack, aws, writer_http};
+use chorus_e2e::{Service, Stack, writer_http};
+use chorus_testkit::emulator::aws;
+use chorus_testkit::tokens::{TokenIssuer, unix_now};
+use chorus_testkit::wait::idle_limit;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -127,14 +130,6 @@ impl Scenario {
 
 // ---- progress --------------------------------------------------------------------------------
 
-fn idle_limit() -> Duration {
-    let ms = std::env::var("CHORUS_TEST_IDLE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30_000);
-    Duration::from_millis(ms)
-}
-
 /// Anything that happened (a client event); waits give up only when this stops moving.
 #[derive(Clone)]
 struct Progress(watch::Sender<u64>);
@@ -236,7 +231,12 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(
+    fn start(name: &str, urls: Vec<String>, scenario: &Scenario, progress: &Progress) -> Recorder {
+        Recorder::start_configured(name, urls, scenario, progress, |_| {})
+    }
+
+    /// [`Recorder::start`], with `configure` called on the session first.
+    fn start_configured(
         name: &str,
         urls: Vec<String>,
         scenario: &Scenario,
@@ -646,71 +646,6 @@ async fn delete_stored(table: &str, room: &RoomId, seqs: &[u64]) {
     }
 }
 
-/// A secret for client tokens (HS256), and a way to mint them as an auth service would.
-struct TokenIssuer {
-    secret_file: std::path::PathBuf,
-    secret: String,
-}
-
-impl TokenIssuer {
-    fn new() -> TokenIssuer {
-        let secret = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
-        let secret_file = std::env::temp_dir().join(format!(
-            "chorus-conformance-jwt-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::write(&secret_file, &secret).expect("writing the JWT secret");
-        TokenIssuer {
-            secret_file,
-            secret,
-        }
-    }
-
-    fn gateway_flags(&self) -> Vec<String> {
-        vec![
-            "--jwt-secret-file".into(),
-            self.secret_file.to_string_lossy().into_owned(),
-            "--jwt-leeway-secs".into(),
-            "0".into(),
-        ]
-    }
-
-    /// A token for `sub` and `room`, valid for `ttl` (whole seconds, as JWTs count).
-    fn mint(&self, sub: &str, room: &RoomId, ttl: Duration) -> String {
-        let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
-        let now = unix_now();
-        let claims = serde_json::json!({
-            "sub": sub,
-            "rooms": [room.as_str()],
-            "iat": now,
-            "exp": now + ttl.as_secs(),
-        });
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
-        )
-        .expect("an HS256 token")
-    }
-}
-
-impl Drop for TokenIssuer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.secret_file);
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
 /// `ws://…/ws` of a gateway, for clients with tokens.
 fn ws_url(gateway: &Service) -> String {
     format!("ws://{}/ws", gateway.addr)
@@ -778,14 +713,12 @@ async fn gateway_fails_mid_stream(scenario: &Scenario, kill: bool) {
         vec![stack.gateways[0].ws("receiver"), gate.ws("receiver")],
         scenario,
         &progress,
-        |_| {},
     );
     let sender = Recorder::start(
         "sender",
         vec![stack.gateways[1].ws("sender")],
         scenario,
         &progress,
-        |_| {},
     );
     receiver.join(&room, None).await;
     sender.join(&room, None).await;
@@ -868,14 +801,14 @@ async fn slow_network() {
     };
     let proxy = TcpProxy::start(g0.addr, options).await.expect("a proxy");
     let room = scenario.room();
-    let client = Recorder::start(
+    let client = Recorder::start_configured(
         "client",
         vec![proxy.ws("client"), g1.ws("client")],
         &scenario,
         &progress,
         |s| s.set_request_timeout(Duration::from_millis(request_timeout_ms)),
     );
-    let other = Recorder::start("other", vec![g1.ws("other")], &scenario, &progress, |_| {});
+    let other = Recorder::start("other", vec![g1.ws("other")], &scenario, &progress);
     client.join(&room, None).await;
     other.join(&room, None).await;
     tokio::join!(
@@ -941,13 +874,7 @@ async fn reconnect_mid_send() {
             }
         }),
     );
-    let receiver = Recorder::start(
-        "receiver",
-        vec![g1.ws("receiver")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let receiver = Recorder::start("receiver", vec![g1.ws("receiver")], &scenario, &progress);
     client.join(&room, None).await;
     receiver.join(&room, None).await;
     let mut ids = Vec::new();
@@ -1003,20 +930,8 @@ async fn duplicate_ack() {
     };
     let proxy = TcpProxy::start(g0.addr, options).await.expect("a proxy");
     let room = scenario.room();
-    let client = Recorder::start(
-        "client",
-        vec![proxy.ws("client")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
-    let receiver = Recorder::start(
-        "receiver",
-        vec![g0.ws("receiver")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let client = Recorder::start("client", vec![proxy.ws("client")], &scenario, &progress);
+    let receiver = Recorder::start("receiver", vec![g0.ws("receiver")], &scenario, &progress);
     client.join(&room, None).await;
     receiver.join(&room, None).await;
     let acks = client
@@ -1098,9 +1013,9 @@ async fn token_expiry() {
     let old_expiry;
     let client = {
         let (issuer, refreshed, room) = (Arc::clone(&issuer), Arc::clone(&refreshed), room.clone());
-        let token = issuer.mint("carol", &room, ttl);
+        let token = issuer.mint("carol", &[room.as_str()], ttl);
         old_expiry = unix_now() + ttl.as_secs();
-        Recorder::start(
+        Recorder::start_configured(
             "client",
             vec![url.clone()],
             &scenario,
@@ -1109,20 +1024,22 @@ async fn token_expiry() {
                 s.set_token(Some(token));
                 s.set_token_source(move || {
                     refreshed.fetch_add(1, Ordering::SeqCst);
-                    let token = issuer.mint("carol", &room, Duration::from_secs(3600));
+                    let token = issuer.mint("carol", &[room.as_str()], Duration::from_secs(3600));
                     async move { Ok::<_, std::io::Error>(token) }
                 });
             },
         )
     };
-    let stubborn_token = issuer.mint("stu", &room, ttl);
-    let stubborn = Recorder::start("stubborn", vec![url.clone()], &scenario, &progress, |s| {
-        s.set_token(Some(stubborn_token));
-    });
-    let sender_token = issuer.mint("sam", &room, Duration::from_secs(3600));
-    let sender = Recorder::start("sender", vec![url.clone()], &scenario, &progress, |s| {
-        s.set_token(Some(sender_token));
-    });
+    let stubborn_token = issuer.mint("stu", &[room.as_str()], ttl);
+    let stubborn =
+        Recorder::start_configured("stubborn", vec![url.clone()], &scenario, &progress, |s| {
+            s.set_token(Some(stubborn_token));
+        });
+    let sender_token = issuer.mint("sam", &[room.as_str()], Duration::from_secs(3600));
+    let sender =
+        Recorder::start_configured("sender", vec![url.clone()], &scenario, &progress, |s| {
+            s.set_token(Some(sender_token));
+        });
     client.join(&room, None).await;
     stubborn.join(&room, None).await;
     sender.join(&room, None).await;
@@ -1203,13 +1120,7 @@ async fn history_expired() {
     let stack = Stack::start(1).await.expect("the stack starts");
     let g0 = &stack.gateways[0];
     let room = scenario.room();
-    let sender = Recorder::start(
-        "sender",
-        vec![g0.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let sender = Recorder::start("sender", vec![g0.ws("sender")], &scenario, &progress);
     sender.join(&room, None).await;
     sender
         .send_in_turn(&room, stored_count, "old", async |_, _| {})
@@ -1218,13 +1129,7 @@ async fn history_expired() {
     sender.receive(&room, stored_count as usize).await;
     delete_stored(&stack.table, &room, &deleted).await;
 
-    let client = Recorder::start(
-        "client",
-        vec![g0.ws("client")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let client = Recorder::start("client", vec![g0.ws("client")], &scenario, &progress);
     let joined = client.join(&room, Some(Seq(0))).await;
     assert_eq!(
         joined,
@@ -1300,15 +1205,8 @@ async fn resync() {
         vec![g0.ws("client"), g1.ws("client")],
         &scenario,
         &progress,
-        |_| {},
     );
-    let sender = Recorder::start(
-        "sender",
-        vec![g1.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let sender = Recorder::start("sender", vec![g1.ws("sender")], &scenario, &progress);
     client.join(&room, None).await;
     sender.join(&room, None).await;
     sender
@@ -1391,20 +1289,8 @@ async fn resume_codes() {
         .await
         .expect("a proxy");
     let room = scenario.room();
-    let client = Recorder::start(
-        "client",
-        vec![proxy.ws("client")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
-    let sender = Recorder::start(
-        "sender",
-        vec![g0.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let client = Recorder::start("client", vec![proxy.ws("client")], &scenario, &progress);
+    let sender = Recorder::start("sender", vec![g0.ws("sender")], &scenario, &progress);
     client.join(&room, None).await;
     sender.join(&room, None).await;
     let mut sent = 0;
@@ -1490,13 +1376,7 @@ async fn scrollback() {
         .await
         .expect("a proxy");
     let room = scenario.room();
-    let sender = Recorder::start(
-        "sender",
-        vec![g0.ws("sender")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let sender = Recorder::start("sender", vec![g0.ws("sender")], &scenario, &progress);
     sender.join(&room, None).await;
     sender
         .send_in_turn(&room, messages, "scroll", async |_, _| {})
@@ -1504,13 +1384,7 @@ async fn scrollback() {
     let stored = history(&stack, &room, 0).await;
     assert_eq!(stored.len() as u64, messages);
 
-    let reader = Recorder::start(
-        "reader",
-        vec![proxy.ws("reader")],
-        &scenario,
-        &progress,
-        |_| {},
-    );
+    let reader = Recorder::start("reader", vec![proxy.ws("reader")], &scenario, &progress);
     let newest = reader.ask_history(&room, None, limit).await;
     let mut pages = vec![(None, reader.page(&newest).await)];
 

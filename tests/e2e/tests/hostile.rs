@@ -6,6 +6,7 @@ use std::time::Duration;
 use chorus_client::{Client, Received};
 use chorus_e2e::{Service, Stack};
 use chorus_protocol::{ErrorCode, RoomId, ServerFrame};
+use chorus_testkit::gateway::upgrade_request;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -68,11 +69,7 @@ async fn expect_error(client: &mut Client, code: ErrorCode) {
 async fn raw_upgrade(gateway: &Service) -> TcpStream {
     let mut socket = TcpStream::connect(gateway.addr).await.unwrap();
     socket
-        .write_all(
-            b"GET /ws?user=raw HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
-              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-              Sec-WebSocket-Version: 13\r\n\r\n",
-        )
+        .write_all(upgrade_request("raw").as_bytes())
         .await
         .unwrap();
     let mut response = Vec::new();

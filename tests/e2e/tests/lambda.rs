@@ -12,9 +12,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::{get, post};
-use chorus_e2e::{Service, aws};
+use chorus_e2e::Service;
 use chorus_protocol::{Body, BusPayload, ClientMsgId, RoomId, UserId};
 use chorus_publisher::poller::to_lambda_record;
+use chorus_testkit::emulator::aws;
 use chorus_writer::store::{
     DynamoStore, DynamoTable, MessageStore as _, NewMessage, Settings, ensure_table,
 };

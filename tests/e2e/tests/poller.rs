@@ -5,26 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chorus_e2e::{Service, aws};
+use chorus_e2e::{Service, start_publisher, table_and_topic};
 use chorus_protocol::{Body, ClientMsgId, RoomId, UserId};
-use chorus_writer::store::{
-    DynamoStore, DynamoTable, MessageStore as _, NewMessage, Settings, ensure_table,
-};
-
-/// A table and topic of their own; returns (table, topic ARN).
-async fn table_and_topic(aws: &aws_config::SdkConfig) -> (String, String) {
-    let name = format!(
-        "poller-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    ensure_table(&aws_sdk_dynamodb::Client::new(aws), &name)
-        .await
-        .unwrap();
-    let topic_arn = chorus_publisher::sns::ensure_topic(&aws_sdk_sns::Client::new(aws), &name)
-        .await
-        .unwrap();
-    (name, topic_arn)
-}
+use chorus_testkit::emulator::aws;
+use chorus_writer::store::{DynamoStore, DynamoTable, MessageStore as _, NewMessage, Settings};
 
 async fn write(store: &DynamoStore, ids: std::ops::RangeInclusive<u32>) {
     for i in ids {
@@ -41,25 +25,7 @@ async fn write(store: &DynamoStore, ids: std::ops::RangeInclusive<u32>) {
 }
 
 fn start_poller(table: &str, topic_arn: &str, checkpoint: &Path) -> anyhow::Result<Service> {
-    Service::start(
-        "poller",
-        "chorus-publisher",
-        &[
-            "poll",
-            "--table",
-            table,
-            "--topic-arn",
-            topic_arn,
-            "--idle-ms",
-            "50",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--checkpoint-file",
-            checkpoint.to_str().unwrap(),
-        ],
-        &[],
-        "metrics listening",
-    )
+    start_publisher(table, topic_arn, Some(checkpoint))
 }
 
 fn forwarded(n: usize) -> String {
@@ -69,7 +35,7 @@ fn forwarded(n: usize) -> String {
 #[tokio::test]
 async fn a_poller_restarted_with_its_checkpoint_file_publishes_only_what_is_new() {
     let aws = aws().await;
-    let (table, topic_arn) = table_and_topic(&aws).await;
+    let (table, topic_arn) = table_and_topic("poller").await.unwrap();
     let store = DynamoStore::new(
         DynamoTable::new(aws_sdk_dynamodb::Client::new(&aws), &table),
         Settings::default(),
@@ -98,8 +64,7 @@ async fn a_poller_restarted_with_its_checkpoint_file_publishes_only_what_is_new(
 
 #[tokio::test]
 async fn a_corrupt_checkpoint_file_stops_the_poller_at_start_with_what_to_do() {
-    let aws = aws().await;
-    let (table, topic_arn) = table_and_topic(&aws).await;
+    let (table, topic_arn) = table_and_topic("poller").await.unwrap();
     let checkpoint = std::env::temp_dir().join(format!("{table}-checkpoint.json"));
     std::fs::write(&checkpoint, "{\"version\":1,\"stream_arn\":").unwrap();
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use chorus_e2e::aws;
 use chorus_protocol::{Body, ClientMsgId, RoomId, Seq, StoredBatch, UserId};
+use chorus_testkit::emulator::aws;
 use chorus_writer::store::{
     Clock as _, DynamoStore, DynamoTable, ManualClock, MessageStore as _, NewMessage, Settings,
     StoreError, SystemClock, ensure_table,

@@ -1,115 +1,14 @@
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_protocol::api::{HistoryPage, SendRequest, SendResponse};
-use chorus_protocol::{Body, ClientMsgId, MessageEvent, RoomId, Seq, ServerFrame, UserId, close};
+use chorus_protocol::{RoomId, Seq, ServerFrame, close};
 
 use super::fanout::message_frame;
 use super::outbox::{Next, Outbound, OutboxReceiver};
 use super::*;
-use crate::writer_client::{LogError, MessageLog};
+use crate::test_support::{MemoryLog, stored_message};
 
-/// The writer's history, in memory. It can hold every read at a gate, forget seqs (as if
-/// they could never be read) and answer that history below a seq has expired.
-#[derive(Default)]
-struct FakeLog {
-    rooms: Mutex<HashMap<RoomId, Vec<MessageEvent>>>,
-    reads: AtomicU64,
-    /// Limits of the reads made (the head reads ask for 0).
-    limits: Mutex<Vec<u32>>,
-    /// When set, each read waits for a permit.
-    gate: Option<tokio::sync::Semaphore>,
-    /// Seqs the history never returns.
-    unreadable: Mutex<Vec<u64>>,
-    /// Reads after a seq below this answer `Expired`.
-    expired_below: AtomicU64,
-}
-
-impl FakeLog {
-    fn gated() -> Self {
-        FakeLog {
-            gate: Some(tokio::sync::Semaphore::new(0)),
-            ..FakeLog::default()
-        }
-    }
-
-    fn open_gate(&self, reads: usize) {
-        self.gate.as_ref().unwrap().add_permits(reads);
-    }
-
-    fn store(&self, room: &RoomId, upto: u64) -> Vec<MessageEvent> {
-        let mut rooms = self.rooms.lock().unwrap();
-        let log = rooms.entry(room.clone()).or_default();
-        while (log.len() as u64) < upto {
-            log.push(event(room, log.len() as u64 + 1));
-        }
-        log.clone()
-    }
-}
-
-#[async_trait::async_trait]
-impl MessageLog for FakeLog {
-    async fn append(&self, _: &RoomId, _: &SendRequest) -> Result<SendResponse, LogError> {
-        Err(LogError::Refused {
-            status: 400,
-            message: "the hub never sends".into(),
-        })
-    }
-    async fn history(
-        &self,
-        room: &RoomId,
-        after: Seq,
-        limit: u32,
-    ) -> Result<HistoryPage, LogError> {
-        if let Some(gate) = &self.gate {
-            gate.acquire().await.unwrap().forget();
-        }
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.limits.lock().unwrap().push(limit);
-        if limit > 0 && after.0 + 1 < self.expired_below.load(Ordering::Relaxed) {
-            return Err(LogError::Expired {
-                message: "gone".into(),
-            });
-        }
-        let rooms = self.rooms.lock().unwrap();
-        let log = rooms.get(room).cloned().unwrap_or_default();
-        let unreadable = self.unreadable.lock().unwrap().clone();
-        Ok(HistoryPage {
-            head: Seq(log.len() as u64),
-            messages: log
-                .into_iter()
-                .filter(|m| m.seq > after && !unreadable.contains(&m.seq.0))
-                .take(limit as usize)
-                .collect(),
-        })
-    }
-    async fn scrollback(
-        &self,
-        _: &RoomId,
-        _: Option<Seq>,
-        _: u32,
-    ) -> Result<HistoryPage, LogError> {
-        Err(LogError::Refused {
-            status: 400,
-            message: "the hub never reads backwards".into(),
-        })
-    }
-}
-
-fn event(room: &RoomId, seq: u64) -> MessageEvent {
-    MessageEvent {
-        room: room.clone(),
-        seq: Seq(seq),
-        id: ClientMsgId::parse(format!("m{seq}")).unwrap(),
-        sender: UserId::parse("john").unwrap(),
-        body: Body::parse(format!("message {seq}")).unwrap(),
-        ts: "2026-11-29T10:00:00.000Z".into(),
-    }
-}
-
-fn hub(log: Arc<FakeLog>) -> Hub {
+fn hub(log: Arc<MemoryLog>) -> Hub {
     Hub::new(log, HubSettings::default(), Arc::default())
 }
 
@@ -155,11 +54,11 @@ fn lobby() -> RoomId {
 
 #[tokio::test(start_paused = true)]
 async fn duplicates_and_reordering_from_the_bus_reach_members_once_in_order() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     assert_eq!(hub.join(&m, &lobby(), None).await.unwrap(), Seq(0));
-    let stored = log.store(&lobby(), 4);
+    let stored = log.fill(&lobby(), 4);
     for seq in [2, 1, 1, 4, 2, 3, 4] {
         hub.ingest(&stored[seq - 1]);
     }
@@ -170,11 +69,11 @@ async fn duplicates_and_reordering_from_the_bus_reach_members_once_in_order() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hole_that_does_not_fill_is_fetched_from_history_after_the_gap_timeout() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     hub.join(&m, &lobby(), None).await.unwrap();
-    let stored = log.store(&lobby(), 5);
+    let stored = log.fill(&lobby(), 5);
     hub.ingest(&stored[0]);
     hub.ingest(&stored[3]); // 2 and 3 lost
     hub.ingest(&stored[4]);
@@ -185,11 +84,11 @@ async fn a_hole_that_does_not_fill_is_fetched_from_history_after_the_gap_timeout
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_last_message_is_found_once_the_room_goes_quiet() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     hub.join(&m, &lobby(), None).await.unwrap();
-    let stored = log.store(&lobby(), 3);
+    let stored = log.fill(&lobby(), 3);
     hub.ingest(&stored[0]);
     hub.ingest(&stored[1]); // 3 is lost and nothing follows it
     tokio::time::sleep(HubSettings::default().tail_check * 2).await;
@@ -198,13 +97,13 @@ async fn a_lost_last_message_is_found_once_the_room_goes_quiet() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_message_in_a_quiet_room_is_found_with_no_later_arrival() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     hub.join(&m, &lobby(), None).await.unwrap();
     // Long after the last traffic, one message whose notification never comes.
     tokio::time::sleep(Duration::from_secs(600)).await;
-    log.store(&lobby(), 1);
+    log.fill(&lobby(), 1);
     let settings = HubSettings::default();
     tokio::time::sleep(settings.tail_check_max + settings.gap_timeout).await;
     assert_eq!(seqs(&drain(&mut rx)), [1]);
@@ -212,15 +111,15 @@ async fn a_lost_message_in_a_quiet_room_is_found_with_no_later_arrival() {
 
 #[tokio::test(start_paused = true)]
 async fn a_quiet_room_is_checked_less_and_less_often() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (m, _rx) = member(64);
     hub.join(&m, &lobby(), None).await.unwrap();
     let settings = HubSettings::default();
-    let reads = log.reads.load(Ordering::Relaxed);
+    let reads = log.history_reads();
     let quiet = settings.tail_check_max * 10;
     tokio::time::sleep(quiet).await;
-    let checks = log.reads.load(Ordering::Relaxed) - reads;
+    let checks = log.history_reads() - reads;
     // At the base interval it would be 150; backing off to the ceiling, about 14.
     assert!(
         (10..=20).contains(&checks),
@@ -230,12 +129,12 @@ async fn a_quiet_room_is_checked_less_and_less_often() {
 
 #[tokio::test(start_paused = true)]
 async fn join_with_since_replays_then_switches_to_live_without_gap_or_duplicate() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     // Someone already follows the room live.
     let (early, mut early_rx) = member(64);
     hub.join(&early, &lobby(), None).await.unwrap();
-    let stored = log.store(&lobby(), 6);
+    let stored = log.fill(&lobby(), 6);
     for e in &stored[..5] {
         hub.ingest(e);
     }
@@ -245,7 +144,7 @@ async fn join_with_since_replays_then_switches_to_live_without_gap_or_duplicate(
         Seq(6)
     );
     // 5 again (an SNS duplicate) and 6 (already in the replay) and 7 live.
-    let stored = log.store(&lobby(), 7);
+    let stored = log.fill(&lobby(), 7);
     hub.ingest(&stored[4]);
     hub.ingest(&stored[5]);
     hub.ingest(&stored[6]);
@@ -261,25 +160,25 @@ async fn join_with_since_replays_then_switches_to_live_without_gap_or_duplicate(
 
 #[tokio::test(start_paused = true)]
 async fn a_since_beyond_the_head_counts_as_the_head() {
-    let log = Arc::new(FakeLog::default());
-    log.store(&lobby(), 3);
+    let log = Arc::new(MemoryLog::default());
+    log.fill(&lobby(), 3);
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     assert_eq!(hub.join(&m, &lobby(), Some(Seq(99))).await.unwrap(), Seq(3));
-    let stored = log.store(&lobby(), 4);
+    let stored = log.fill(&lobby(), 4);
     hub.ingest(&stored[3]);
     assert_eq!(seqs(&drain(&mut rx)), [4]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_member_whose_queue_overflows_is_kicked_and_gets_nothing_after_the_overflow() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (slow, mut slow_rx) = member(2);
     let (fast, mut fast_rx) = member(64);
     hub.join(&slow, &lobby(), None).await.unwrap(); // joined fills one slot
     hub.join(&fast, &lobby(), None).await.unwrap();
-    let stored = log.store(&lobby(), 3);
+    let stored = log.fill(&lobby(), 3);
     hub.ingest(&stored[0]); // fills the second slot
     hub.ingest(&stored[1]); // overflows: kicked
     let read = drain(&mut slow_rx); // the client reads what was queued…
@@ -296,7 +195,7 @@ async fn a_member_whose_queue_overflows_is_kicked_and_gets_nothing_after_the_ove
 
 #[tokio::test(start_paused = true)]
 async fn the_room_goes_away_with_its_last_member() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (a, _rx_a) = member(8);
     let (b, _rx_b) = member(8);
@@ -325,8 +224,8 @@ async fn until_members<F: std::future::Future + Unpin>(hub: &Hub, future: &mut F
 
 #[tokio::test(start_paused = true)]
 async fn a_join_dropped_during_its_replay_leaves_no_member_and_no_room() {
-    let log = Arc::new(FakeLog::gated());
-    log.store(&lobby(), 5);
+    let log = Arc::new(MemoryLog::gated());
+    log.fill(&lobby(), 5);
     let hub = hub(Arc::clone(&log));
     let (m, _rx) = member(64);
     log.open_gate(1); // the head read; the replay's read waits
@@ -339,14 +238,14 @@ async fn a_join_dropped_during_its_replay_leaves_no_member_and_no_room() {
     assert_eq!(hub.room_count(), 0, "no ghost room");
     // Its repair task ends too: no reads go on for a room nobody is in.
     log.open_gate(1000);
-    let reads = log.reads.load(Ordering::Relaxed);
+    let reads = log.history_reads();
     tokio::time::sleep(Duration::from_secs(600)).await;
-    assert_eq!(log.reads.load(Ordering::Relaxed), reads);
+    assert_eq!(log.history_reads(), reads);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_join_dropped_during_the_head_read_leaves_no_room() {
-    let log = Arc::new(FakeLog::gated());
+    let log = Arc::new(MemoryLog::gated());
     let hub = hub(Arc::clone(&log));
     let (m, _rx) = member(64);
     let room = lobby();
@@ -365,7 +264,7 @@ async fn a_join_dropped_during_the_head_read_leaves_no_room() {
 
 #[tokio::test(start_paused = true)]
 async fn a_join_whose_room_closed_under_it_lands_in_a_live_room() {
-    let log = Arc::new(FakeLog::gated());
+    let log = Arc::new(MemoryLog::gated());
     let hub = hub(Arc::clone(&log));
     let (a, _rx_a) = member(64);
     let (b, mut rx_b) = member(64);
@@ -387,21 +286,23 @@ async fn a_join_whose_room_closed_under_it_lands_in_a_live_room() {
     log.open_gate(1000);
     join_b.await.unwrap().unwrap();
     assert_eq!(hub.room_count(), 1, "B is in a room the bus reaches");
-    let stored = log.store(&lobby(), 1);
+    let stored = log.fill(&lobby(), 1);
     hub.ingest(&stored[0]);
     assert_eq!(seqs(&drain(&mut rx_b)), [1]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_replay_stays_within_the_byte_bound_and_a_client_that_does_not_read_is_closed() {
-    let log = Arc::new(FakeLog::default());
-    log.store(&lobby(), 200);
+    let log = Arc::new(MemoryLog::default());
+    log.fill(&lobby(), 200);
     let settings = HubSettings {
         replay_page: 20,
         ..HubSettings::default()
     };
     let hub = Hub::new(log.clone(), settings.clone(), Arc::default());
-    let frame_len = message_frame(&event(&lobby(), 1)).frame.len();
+    let frame_len = message_frame(&stored_message(&lobby(), 1, "message 1"))
+        .frame
+        .len();
     let (outbox, mut rx) = super::outbox::outbox(1000, frame_len * 5);
     let m = MemberHandle {
         id: ConnId::next(),
@@ -421,7 +322,7 @@ async fn a_replay_stays_within_the_byte_bound_and_a_client_that_does_not_read_is
         queued.len()
     );
     assert!(
-        log.limits.lock().unwrap().iter().all(|&l| l <= 20),
+        log.read_limits().iter().all(|&l| l <= 20),
         "pages of at most replay_page"
     );
     // Then the client stops reading for good: the replay stalls and the connection is closed.
@@ -434,8 +335,8 @@ async fn a_replay_stays_within_the_byte_bound_and_a_client_that_does_not_read_is
 
 #[tokio::test(start_paused = true)]
 async fn the_switch_from_replay_to_live_waits_for_a_reading_client_instead_of_closing_it() {
-    let log = Arc::new(FakeLog::gated());
-    let stored = log.store(&lobby(), 10);
+    let log = Arc::new(MemoryLog::gated());
+    let stored = log.fill(&lobby(), 10);
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(4);
     // A reader that takes the queue whenever it is full.
@@ -448,7 +349,7 @@ async fn the_switch_from_replay_to_live_waits_for_a_reading_client_instead_of_cl
         tokio::task::yield_now().await;
     }
     // Live messages arrive while the replay waits for the writer: they are buffered.
-    let more = log.store(&lobby(), 12);
+    let more = log.fill(&lobby(), 12);
     hub.ingest(&more[10]);
     hub.ingest(&more[11]);
     log.open_gate(1000);
@@ -474,9 +375,9 @@ async fn the_switch_from_replay_to_live_waits_for_a_reading_client_instead_of_cl
 
 #[tokio::test(start_paused = true)]
 async fn a_replay_that_cannot_follow_on_from_since_says_so_and_joins_nothing() {
-    let log = Arc::new(FakeLog::default());
-    log.store(&lobby(), 10);
-    log.unreadable.lock().unwrap().extend(1..=4); // expired
+    let log = Arc::new(MemoryLog::default());
+    log.fill(&lobby(), 10);
+    log.lose(1..=4); // expired
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     let result = hub.join(&m, &lobby(), Some(Seq(2))).await;
@@ -496,7 +397,7 @@ async fn a_replay_that_cannot_follow_on_from_since_says_so_and_joins_nothing() {
     );
     assert_eq!(members(&hub), 0);
     // The writer saying so (410) is the same answer.
-    log.expired_below.store(5, Ordering::Relaxed);
+    log.expire_below(5);
     let result = hub.join(&m, &lobby(), Some(Seq(2))).await;
     assert!(
         matches!(result, Err(JoinError::Expired { oldest: None, .. })),
@@ -509,12 +410,12 @@ async fn a_replay_that_cannot_follow_on_from_since_says_so_and_joins_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hole_the_writer_cannot_fill_closes_the_rooms_members_with_resync() {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(MemoryLog::default());
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     hub.join(&m, &lobby(), None).await.unwrap();
-    let stored = log.store(&lobby(), 3);
-    log.unreadable.lock().unwrap().push(2);
+    let stored = log.fill(&lobby(), 3);
+    log.lose([2]);
     hub.ingest(&stored[0]);
     hub.ingest(&stored[2]);
     let settings = HubSettings::default();
@@ -528,8 +429,8 @@ async fn a_hole_the_writer_cannot_fill_closes_the_rooms_members_with_resync() {
 
 #[tokio::test(start_paused = true)]
 async fn a_since_beyond_the_head_gets_the_live_messages_that_arrive_during_the_join() {
-    let log = Arc::new(FakeLog::gated());
-    log.store(&lobby(), 3);
+    let log = Arc::new(MemoryLog::gated());
+    log.fill(&lobby(), 3);
     let hub = hub(Arc::clone(&log));
     let (m, mut rx) = member(64);
     log.open_gate(2); // the head read and the first replay read
@@ -537,11 +438,11 @@ async fn a_since_beyond_the_head_gets_the_live_messages_that_arrive_during_the_j
         let (hub, m) = (hub.clone(), m.clone());
         async move { hub.join(&m, &lobby(), Some(Seq(99))).await }
     });
-    while log.reads.load(Ordering::Relaxed) < 2 {
+    while log.history_reads() < 2 {
         tokio::task::yield_now().await;
     }
     // 4 is stored and delivered live before the replay reads again.
-    let stored = log.store(&lobby(), 4);
+    let stored = log.fill(&lobby(), 4);
     hub.ingest(&stored[3]);
     log.open_gate(1000);
     assert_eq!(join.await.unwrap().unwrap(), Seq(4));

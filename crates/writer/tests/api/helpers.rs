@@ -1,8 +1,7 @@
 use std::sync::Arc;
 
-use std::time::Duration;
-
-use chorus_service::service_auth::{Grant, ServiceKeys};
+use chorus_service::service_auth::ServiceKeys;
+use chorus_testkit::tokens::gateway_client;
 use chorus_writer::store::{MemoryStore, MemoryTable, MessageStore, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -11,19 +10,6 @@ pub(crate) const KEY: &[u8] = b"the writer tests' service key, 32 bytes or more"
 
 pub(crate) fn keys() -> ServiceKeys {
     ServiceKeys::from_secrets(&[KEY.to_vec()]).unwrap()
-}
-
-/// An HTTP client that sends `token` with every request.
-pub(crate) fn client_with(token: &str) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap()
 }
 
 /// A writer on an ephemeral loopback port, backed by an in-memory store; stopped on drop.
@@ -55,10 +41,9 @@ pub(crate) async fn spawn_app_with(store: Arc<dyn MessageStore>) -> TestApp {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone().cancelled_owned();
     tokio::spawn(chorus_writer::run(listener, store, Arc::new(keys()), stop));
-    let gateway = keys().mint(&Grant::gateway("gateway-test"), Duration::from_secs(600));
     TestApp {
         base,
-        http: client_with(&gateway),
+        http: gateway_client(&keys(), "gateway-test"),
         shutdown,
     }
 }

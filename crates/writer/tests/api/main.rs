@@ -319,7 +319,9 @@ mod service_tokens {
     use chorus_service::service_auth::{CallerKind, Grant, Patterns, ServiceKeys};
 
     use super::*;
-    use crate::helpers::{client_with, keys};
+    use chorus_testkit::tokens::{bearer_client, hs256};
+
+    use crate::helpers::keys;
 
     fn backend() -> Grant {
         Grant {
@@ -355,8 +357,8 @@ mod service_tokens {
                 .mint(&Grant::gateway("impostor"), Duration::from_secs(60));
         for client in [
             reqwest::Client::new(),
-            client_with("not-a-token"),
-            client_with(&foreign),
+            bearer_client("not-a-token"),
+            bearer_client(&foreign),
         ] {
             let res = client.post(&url).json(&send).send().await.unwrap();
             assert_eq!(res.status(), 401);
@@ -394,7 +396,7 @@ mod service_tokens {
     #[tokio::test]
     async fn a_backend_publishes_idempotently_only_to_its_rooms_and_as_its_senders() {
         let app = spawn_app().await;
-        let billing = client_with(&keys().mint(&backend(), Duration::from_secs(600)));
+        let billing = bearer_client(&keys().mint(&backend(), Duration::from_secs(600)));
         let post = |room: &str, sender: &str, id: &str| {
             billing
                 .post(format!("{}/v1/rooms/{room}/messages", app.base))
@@ -442,13 +444,8 @@ mod service_tokens {
             "iss": "chorus", "aud": "chorus-writer", "iat": 1, "exp": 2,
             "sub": "gateway-a", "kind": "gateway", "rooms": ["*"], "senders": ["*"],
         });
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(helpers::KEY),
-        )
-        .unwrap();
-        let res = client_with(&token)
+        let token = hs256(helpers::KEY, &claims);
+        let res = bearer_client(&token)
             .get(format!("{}/v1/rooms/lobby/messages", app.base))
             .send()
             .await

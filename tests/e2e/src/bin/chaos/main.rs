@@ -48,8 +48,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chorus_e2e::faults::{FaultPlan, FaultyIngress};
-use chorus_e2e::{Stack, StackOptions, aws, metric_sum};
+use chorus_e2e::{Stack, StackOptions, metric_sum};
 use chorus_protocol::RoomId;
+use chorus_testkit::emulator::aws;
 use clap::Parser as _;
 use tokio::sync::{Barrier, watch};
 use tokio::time::Instant;

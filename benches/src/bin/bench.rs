@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use aws_lambda_events::dynamodb::{Event, EventRecord};
-use chorus_e2e::aws;
 use chorus_protocol::{Body, ClientMsgId, RoomId, UserId};
 use chorus_publisher::sns::{SnsPublisher, ensure_topic};
 use chorus_publisher::{Classified, Publish, PublishError, classify, handle_with_outcome};
+use chorus_testkit::emulator::aws;
 use chorus_writer::store::{
     DynamoStore, DynamoTable, MessageStore as _, NewMessage, Settings, ensure_table,
 };

@@ -3,9 +3,7 @@
 //! live messages, and lets the test close or drop connections, store messages "from someone
 //! else" at chosen moments (or store them without sending them: a lost notification), send every
 //! frame twice, go silent, and refuse tokens. It records every frame clients send and the token
-//! each connection offered.
-
-#![allow(dead_code)] // Each test binary uses its own part of the harness.
+//! each connection offered. Used by chorus-client's tests and chorus-chat's.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -21,11 +19,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-pub(crate) const WAIT: Duration = Duration::from_secs(10);
+/// How long the tests wait for a frame, and [`FakeGateway::wait_received`] for anything to
+/// happen.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 /// What the fake does with a client's `send`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SendPolicy {
+pub enum SendPolicy {
     /// Store, ack, fan out.
     Ack,
     /// Store, then drop the connection before the ack (the ack is lost on the way).
@@ -71,8 +71,8 @@ struct Conn {
 
 /// The running fake gateway.
 #[derive(Clone)]
-pub(crate) struct FakeGateway {
-    pub(crate) url: String,
+pub struct FakeGateway {
+    pub url: String,
     state: Arc<Mutex<State>>,
     changed: Arc<Notify>,
 }
@@ -89,7 +89,7 @@ fn event(room: &RoomId, seq: u64, id: &str, sender: &str, body: &str) -> Message
 }
 
 impl FakeGateway {
-    pub(crate) async fn start() -> FakeGateway {
+    pub async fn start() -> FakeGateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/ws", listener.local_addr().unwrap());
         let fake = FakeGateway {
@@ -288,7 +288,7 @@ impl FakeGateway {
     }
 
     /// Stores `bodies` in `room` as another user's messages and sends them to members.
-    pub(crate) fn post(&self, room: &RoomId, bodies: &[&str]) -> Vec<Seq> {
+    pub fn post(&self, room: &RoomId, bodies: &[&str]) -> Vec<Seq> {
         let mut state = self.state.lock().unwrap();
         let mut seqs = Vec::new();
         for body in bodies {
@@ -304,7 +304,7 @@ impl FakeGateway {
 
     /// Closes every connection with `code`, then stores `bodies` in `room` (so no connection
     /// open before can have them: only a resume can fetch them).
-    pub(crate) fn close_all_then_post(&self, code: u16, room: &RoomId, bodies: &[&str]) {
+    pub fn close_all_then_post(&self, code: u16, room: &RoomId, bodies: &[&str]) {
         let mut state = self.state.lock().unwrap();
         for (_, c) in state.conns.drain() {
             let _ = c.out.send(Out::Close(code));
@@ -314,7 +314,7 @@ impl FakeGateway {
     }
 
     /// Drops every connection (no close frame).
-    pub(crate) fn drop_all(&self) {
+    pub fn drop_all(&self) {
         let mut state = self.state.lock().unwrap();
         for (_, c) in state.conns.drain() {
             let _ = c.out.send(Out::Drop);
@@ -323,7 +323,7 @@ impl FakeGateway {
 
     /// Stores `bodies` in `room` as another user's messages without sending them to anyone (their
     /// notification was lost): only a join with `since` before them gets them.
-    pub(crate) fn post_unsent(&self, room: &RoomId, bodies: &[&str]) {
+    pub fn post_unsent(&self, room: &RoomId, bodies: &[&str]) {
         let mut state = self.state.lock().unwrap();
         for body in bodies {
             let log = state.rooms.entry(room.clone()).or_default();
@@ -334,7 +334,7 @@ impl FakeGateway {
 
     /// Every connection open now goes silent: nothing more is sent to it or read from it, and
     /// it is not closed. Later connections are served as usual.
-    pub(crate) fn silence_all(&self) {
+    pub fn silence_all(&self) {
         let state = self.state.lock().unwrap();
         for c in state.conns.values() {
             let _ = c.out.send(Out::Silence);
@@ -342,12 +342,12 @@ impl FakeGateway {
     }
 
     /// Whether every frame goes out twice.
-    pub(crate) fn duplicate_frames(&self, on: bool) {
+    pub fn duplicate_frames(&self, on: bool) {
         self.state.lock().unwrap().duplicate_frames = on;
     }
 
     /// Closes every connection with `code`.
-    pub(crate) fn close_all(&self, code: u16) {
+    pub fn close_all(&self, code: u16) {
         let mut state = self.state.lock().unwrap();
         for (_, c) in state.conns.drain() {
             let _ = c.out.send(Out::Close(code));
@@ -355,7 +355,7 @@ impl FakeGateway {
     }
 
     /// From now on, handshakes offering `token` are refused with 401.
-    pub(crate) fn refuse_token(&self, token: &str) {
+    pub fn refuse_token(&self, token: &str) {
         self.state
             .lock()
             .unwrap()
@@ -364,30 +364,30 @@ impl FakeGateway {
     }
 
     /// The token each connection attempt offered, in order (refused ones too).
-    pub(crate) fn tokens(&self) -> Vec<Option<String>> {
+    pub fn tokens(&self) -> Vec<Option<String>> {
         self.state.lock().unwrap().tokens.clone()
     }
 
     /// Connections accepted so far.
-    pub(crate) fn connections(&self) -> u64 {
+    pub fn connections(&self) -> u64 {
         self.state.lock().unwrap().next_conn
     }
 
-    pub(crate) fn set_send_policy(&self, policy: SendPolicy) {
+    pub fn set_send_policy(&self, policy: SendPolicy) {
         self.state.lock().unwrap().send_policy = Some(policy);
     }
 
     /// From now on, messages up to `seq` count as no longer stored.
-    pub(crate) fn expire_up_to(&self, seq: u64) {
+    pub fn expire_up_to(&self, seq: u64) {
         self.state.lock().unwrap().expired_up_to = seq;
     }
 
-    pub(crate) fn hold_joins(&self, hold: bool) {
+    pub fn hold_joins(&self, hold: bool) {
         self.state.lock().unwrap().hold_joins = hold;
     }
 
     /// The stored messages of `room`.
-    pub(crate) fn log(&self, room: &RoomId) -> Vec<MessageEvent> {
+    pub fn log(&self, room: &RoomId) -> Vec<MessageEvent> {
         self.state
             .lock()
             .unwrap()
@@ -398,25 +398,21 @@ impl FakeGateway {
     }
 
     /// Every frame received so far, with its connection number (0, 1, … in accept order).
-    pub(crate) fn received(&self) -> Vec<(u64, ClientFrame)> {
+    pub fn received(&self) -> Vec<(u64, ClientFrame)> {
         self.state.lock().unwrap().received.clone()
     }
 
-    /// Waits until `check` holds on the frames received, at most [`WAIT`].
-    pub(crate) async fn wait_received(
-        &self,
-        what: &str,
-        check: impl Fn(&[(u64, ClientFrame)]) -> bool,
-    ) {
-        let deadline = tokio::time::Instant::now() + WAIT;
+    /// Waits until `check` holds on the frames received; gives up when nothing happened on the
+    /// fake (no connection, frame or close) for [`WAIT`].
+    pub async fn wait_received(&self, what: &str, check: impl Fn(&[(u64, ClientFrame)]) -> bool) {
         loop {
             let changed = self.changed.notified();
             if check(&self.received()) {
                 return;
             }
             assert!(
-                tokio::time::timeout_at(deadline, changed).await.is_ok(),
-                "the fake gateway never received {what}: {:?}",
+                tokio::time::timeout(WAIT, changed).await.is_ok(),
+                "nothing happened for {WAIT:?} and the fake gateway never received {what}: {:?}",
                 self.received()
             );
         }

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use chorus_protocol::{
     Body, BusPayload, ClientMsgId, MessageEvent, RoomId, Seq, ServerFrame, UserId,
 };
+use chorus_testkit::sns;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -189,14 +190,13 @@ impl Ingress {
             Ingress::Gateway {
                 writer, host, sent, ..
             } => {
-                let envelope = serde_json::json!({
-                    "Type": "Notification",
-                    "MessageId": format!("{}-{}", event.room, event.seq),
-                    "TopicArn": crate::gateway::TOPIC_ARN,
-                    "Message": BusPayload::new(vec![event]).to_json(),
-                    "Timestamp": TS,
-                })
-                .to_string();
+                let message_id = format!("{}-{}", event.room, event.seq);
+                let envelope = sns::to_json(&sns::notification_at(
+                    crate::gateway::TOPIC_ARN,
+                    &BusPayload::new(vec![event]).to_json(),
+                    message_id,
+                    TS.to_owned(),
+                ));
                 let request = format!(
                     "POST /sns HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain; charset=UTF-8\r\n\
                      Content-Length: {}\r\n\r\n{envelope}",

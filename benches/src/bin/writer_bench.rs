@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chorus_e2e::aws;
+use chorus_testkit::emulator::aws;
 use chorus_writer::store::{DynamoStore, DynamoTable, MessageStore, Settings, Usage};
 use clap::Parser as _;
 use futures_util::StreamExt as _;
@@ -179,24 +179,16 @@ async fn run(args: &Args, aws: &aws_config::SdkConfig) -> anyhow::Result<(Phase,
         .to_string()
         .repeat(2)
         .into_bytes()])?;
-    let token = keys.mint(
-        &chorus_service::service_auth::Grant::gateway("writer-bench"),
-        Duration::from_secs(24 * 3600),
-    );
+    let token = chorus_testkit::tokens::gateway_token(&keys, "writer-bench");
     let server = tokio::spawn(chorus_writer::run(
         listener,
         Arc::clone(&store),
         Arc::new(keys),
         stop.clone().cancelled_owned(),
     ));
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse()?,
-    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
-        .default_headers(headers)
+        .default_headers(chorus_testkit::tokens::bearer_headers(&token))
         .build()?;
     let sender = Sender {
         http,
