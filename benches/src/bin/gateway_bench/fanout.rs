@@ -28,7 +28,8 @@ use crate::latency::{Batch, Histogram, Summary};
 use crate::wsclient::{self, Frame};
 use crate::{ServerKind, ServerProcess};
 
-/// Reconnections one client may make in the whole run.
+/// Reconnections one client may make within one step (a step that overloads a server closes
+/// many clients with 4001, and the search may run many such steps in a row).
 const MAX_RECONNECTS: u32 = 20;
 /// Per-connection read buffer of the load generator.
 const CLIENT_BUFFER: usize = 32 * 1024;
@@ -242,7 +243,7 @@ impl Target {
 }
 
 /// One client: connects, follows the steps, counts and times the step's messages; reconnects
-/// (up to [`MAX_RECONNECTS`] times in the run) when its connection ends.
+/// (up to [`MAX_RECONNECTS`] times within a step) when its connection ends.
 async fn client(
     kind: ServerKind,
     server: SocketAddr,
@@ -251,10 +252,21 @@ async fn client(
     shared: Arc<Shared>,
     mut step_rx: watch::Receiver<u32>,
 ) {
-    for attempt in 0..=MAX_RECONNECTS {
+    let mut step = *step_rx.borrow();
+    let mut attempt = 0;
+    loop {
+        let now = *step_rx.borrow();
+        if now != step {
+            // A new step: a new reconnect budget.
+            (step, attempt) = (now, 0);
+        }
+        if attempt > MAX_RECONNECTS {
+            break;
+        }
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        attempt += 1;
         let why = match wsclient::connect(SocketAddrV4::new(source, 0), server, &path).await {
             Ok((stream, leftover)) => session(kind, stream, leftover, &shared, &mut step_rx).await,
             Err(e) => format!("connect failed: {e:#}"),
