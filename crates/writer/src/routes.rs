@@ -243,12 +243,6 @@ async fn history(
     };
     let after = seq_param("after", 0)?;
     let before = seq_param("before", 1)?;
-    if after.is_some() && before.is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_before",
-            "give after (reading forwards) or before (scrollback), not both",
-        ));
-    }
     let limit = match params.get("limit") {
         None => DEFAULT_HISTORY_LIMIT,
         Some(raw) => raw
@@ -266,13 +260,15 @@ async fn history(
     };
     state.metrics.history.inc();
     let started = std::time::Instant::now();
-    let page = match before {
-        Some(before) => state.store.history_before(&room, Some(before), limit).await,
-        None => {
-            state
-                .store
-                .history(&room, after.unwrap_or(Seq(0)), limit)
-                .await
+    let page = match (after, before) {
+        // Scrollback: the newest messages below `before`.
+        (None, Some(before)) => state.store.history_before(&room, Some(before), limit).await,
+        // Forwards from `after`, stopping below `before` if given.
+        (after, before) => {
+            let after = after.unwrap_or(Seq(0));
+            let span = before.map_or(u64::MAX, |b| b.0.saturating_sub(after.0 + 1));
+            let limit = u32::try_from(span).map_or(limit, |span| span.min(limit));
+            state.store.history(&room, after, limit).await
         }
     };
     state.metrics.history_latency.observe(started.elapsed());
