@@ -25,6 +25,14 @@ fn session(fake: &FakeGateway) -> Session {
     session
 }
 
+/// A session of `fake` that has joined the lobby (live).
+async fn joined_lobby(fake: &FakeGateway) -> Session {
+    let mut session = session(fake);
+    session.join(lobby(), None);
+    events_until(&mut session, is_joined).await;
+    session
+}
+
 async fn next(session: &mut Session) -> Event {
     tokio::time::timeout(WAIT, session.next_event())
         .await
@@ -150,9 +158,7 @@ async fn history_is_replayed_only_when_asked_for_and_only_once() {
 #[tokio::test]
 async fn a_send_whose_ack_was_lost_is_sent_again_with_the_same_id_and_stored_once() {
     let fake = FakeGateway::start().await;
-    let mut session = session(&fake);
-    session.join(lobby(), None);
-    events_until(&mut session, is_joined).await;
+    let mut session = joined_lobby(&fake).await;
 
     fake.set_send_policy(SendPolicy::StoreThenDrop);
     let id = session.send(&lobby(), "hello").unwrap();
@@ -204,9 +210,7 @@ async fn a_send_whose_ack_was_lost_is_sent_again_with_the_same_id_and_stored_onc
 #[tokio::test]
 async fn an_unavailable_send_is_retried_with_the_same_id_on_the_same_connection() {
     let fake = FakeGateway::start().await;
-    let mut session = session(&fake);
-    session.join(lobby(), None);
-    events_until(&mut session, is_joined).await;
+    let mut session = joined_lobby(&fake).await;
     fake.set_send_policy(SendPolicy::UnavailableOnce);
     let id = session.send(&lobby(), "hello").unwrap();
     let events = events_until(&mut session, |e| matches!(e, Event::Acked { .. })).await;
@@ -235,9 +239,7 @@ async fn an_unavailable_send_is_retried_with_the_same_id_on_the_same_connection(
 #[tokio::test]
 async fn a_rejoin_on_the_same_connection_waits_for_left_and_replays_nothing_twice() {
     let fake = FakeGateway::start().await;
-    let mut session = session(&fake);
-    session.join(lobby(), None);
-    events_until(&mut session, is_joined).await;
+    let mut session = joined_lobby(&fake).await;
     fake.post(&lobby(), &["1", "2", "3"]);
     // Re-join before the three live messages are read: they are in flight.
     session.join(lobby(), None);
@@ -270,9 +272,7 @@ async fn a_rejoin_on_the_same_connection_waits_for_left_and_replays_nothing_twic
 #[tokio::test]
 async fn a_close_that_says_do_not_reconnect_ends_the_session() {
     let fake = FakeGateway::start().await;
-    let mut session = session(&fake);
-    session.join(lobby(), None);
-    events_until(&mut session, is_joined).await;
+    let mut session = joined_lobby(&fake).await;
     fake.close_all_then_post(4500, &lobby(), &["while stopped"]);
     let end = tokio::time::timeout(WAIT, session.next_event())
         .await
@@ -345,9 +345,7 @@ async fn after_a_reconnect_rooms_are_joined_again_one_at_a_time_in_the_order_fir
 async fn when_history_has_expired_the_error_is_passed_on_and_the_room_joined_again_live() {
     let fake = FakeGateway::start().await;
     fake.post(&lobby(), &["1", "2"]);
-    let mut session = session(&fake);
-    session.join(lobby(), None);
-    events_until(&mut session, is_joined).await;
+    let mut session = joined_lobby(&fake).await;
     // Away while messages 3..=6 are posted and 1..=5 expire.
     fake.close_all_then_post(4000, &lobby(), &["3", "4", "5", "6"]);
     fake.expire_up_to(5);
@@ -414,9 +412,7 @@ async fn frames_the_gateway_sends_twice_reach_the_app_once() {
 #[tokio::test]
 async fn a_hole_is_never_delivered_out_of_order_the_room_is_joined_again_from_its_position() {
     let fake = FakeGateway::start().await;
-    let mut session = session(&fake);
-    session.join(lobby(), None);
-    events_until(&mut session, is_joined).await;
+    let mut session = joined_lobby(&fake).await;
     // Seq 1's notification is lost: seq 2 arrives past a hole.
     fake.post_unsent(&lobby(), &["1"]);
     fake.post(&lobby(), &["2"]);
