@@ -81,6 +81,20 @@ struct Phase {
 }
 
 impl Phase {
+    /// Counts one send made at `sent` and its answer.
+    fn record(&mut self, sent: Instant, answer: anyhow::Result<()>) {
+        match answer {
+            Ok(()) => {
+                self.acked += 1;
+                self.latencies.push(sent.elapsed());
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+
     fn per_s(&self) -> f64 {
         self.acked as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -280,16 +294,7 @@ async fn hot_phase(sender: &Sender, store: &dyn MessageStore, args: &Args) -> Ph
             {
                 let sent = Instant::now();
                 let (user, id) = (format!("user-{s}"), format!("s{s}-{n}"));
-                match sender.send("hot", &user, &id, body).await {
-                    Ok(()) => {
-                        phase.acked += 1;
-                        phase.latencies.push(sent.elapsed());
-                    }
-                    Err(e) => {
-                        phase.failed += 1;
-                        phase.first_error.get_or_insert_with(|| format!("{e:#}"));
-                    }
-                }
+                phase.record(sent, sender.send("hot", &user, &id, body).await);
                 n += 1;
             }
             phase
@@ -321,16 +326,7 @@ async fn quiet_phase(sender: &Sender, store: &dyn MessageStore, args: &Args) -> 
                     format!("user-{r}"),
                     format!("r{r}-{n}"),
                 );
-                match sender.send(&room, &user, &id, body).await {
-                    Ok(()) => {
-                        phase.acked += 1;
-                        phase.latencies.push(sent.elapsed());
-                    }
-                    Err(e) => {
-                        phase.failed += 1;
-                        phase.first_error.get_or_insert_with(|| format!("{e:#}"));
-                    }
-                }
+                phase.record(sent, sender.send(&room, &user, &id, body).await);
             }
             phase
         }

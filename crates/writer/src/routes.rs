@@ -217,7 +217,7 @@ async fn history(
     let room = parse_room(room)?;
     caller.may_use_room(&room, &state.metrics)?;
     // Seqs are int64 on the wire (what every JSON client can hold).
-    let seq_param = |name: &'static str, min: u64| -> Result<Option<Seq>, ApiError> {
+    let seq_param = |name: &str, code: &'static str, min: u64| -> Result<Option<Seq>, ApiError> {
         params
             .get(name)
             .map(|raw| {
@@ -227,11 +227,7 @@ async fn history(
                     .map(Seq)
                     .ok_or_else(|| {
                         ApiError::bad_request(
-                            if name == "after" {
-                                "invalid_after"
-                            } else {
-                                "invalid_before"
-                            },
+                            code,
                             format!(
                                 "{name} must be a whole number from {min} to {}, got {raw:?}",
                                 i64::MAX
@@ -241,8 +237,8 @@ async fn history(
             })
             .transpose()
     };
-    let after = seq_param("after", 0)?;
-    let before = seq_param("before", 1)?;
+    let after = seq_param("after", "invalid_after", 0)?;
+    let before = seq_param("before", "invalid_before", 1)?;
     let limit = match params.get("limit") {
         None => DEFAULT_HISTORY_LIMIT,
         Some(raw) => raw
